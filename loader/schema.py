@@ -1,0 +1,292 @@
+"""A model's serving schema: what each input must look like before the runtime sees it.
+
+The AOTI runtime checks neither dtypes nor shapes unless AOTI_RUNTIME_CHECK_INPUTS=1,
+so every request is validated here. The schema comes from the package metadata
+(`pt2serve build` stores it under METADATA_KEY), from the compiled wrapper source
+(`derive_from_wrapper`), or from the user.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from loader.errors import InvalidInput, PackageError
+
+METADATA_KEY = "pt2serve.schema"
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise InvalidInput(f"dtype {dtype} is not supported") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Dim:
+    """One dimension: a fixed `size`, or dynamic (size None) within [min, max]."""
+
+    size: int | None
+    min: int = 0
+    max: int | None = None
+
+    def admits(self, value: int) -> bool:
+        if self.size is not None:
+            return value == self.size
+        return value >= self.min and (self.max is None or value <= self.max)
+
+    def describe(self) -> str:
+        if self.size is not None:
+            return str(self.size)
+        upper = "" if self.max is None else str(self.max)
+        return f"{self.min}..{upper}"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    dtype: str | None
+    dims: tuple[Dim, ...] | None
+
+    def describe(self) -> str:
+        shape = "?" if self.dims is None else "[" + ", ".join(d.describe() for d in self.dims) + "]"
+        return f"{self.name}: {self.dtype or '?'}{shape}"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSchema:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    batched: bool
+    source: str = "package"
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.outputs)
+
+    @property
+    def max_rows(self) -> int | None:
+        """The most rows one run takes (the tightest bound on dim 0), or None."""
+        if not self.batched:
+            return None
+        bounds = [s.dims[0].max for s in self.inputs if s.dims and s.dims[0].max is not None]
+        return min(bounds) if bounds else None
+
+    @property
+    def min_rows(self) -> int:
+        if not self.batched:
+            return 0
+        return max((s.dims[0].min for s in self.inputs if s.dims), default=1)
+
+    def validate(self, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Check `inputs` against the schema; return them in call order.
+
+        Raises InvalidInput naming the offending input and what was expected.
+        """
+        unknown = sorted(set(inputs) - set(self.input_names))
+        if unknown:
+            raise InvalidInput(
+                f"unknown input {unknown[0]!r}; expected inputs: {', '.join(self.input_names)}"
+            )
+        ordered: list[torch.Tensor] = []
+        rows: dict[str, int] = {}
+        for spec in self.inputs:
+            tensor = inputs.get(spec.name)
+            if tensor is None:
+                raise InvalidInput(f"missing input {spec.name!r} ({spec.describe()})")
+            _check_tensor(spec, tensor)
+            if self.batched:
+                rows[spec.name] = tensor.shape[0]
+            ordered.append(tensor)
+        if len(set(rows.values())) > 1:
+            listed = ", ".join(f"{n} has {r}" for n, r in rows.items())
+            raise InvalidInput(f"inputs disagree on the batch dimension (dim 0): {listed}")
+        return ordered
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": 1,
+                "batched": self.batched,
+                "inputs": [_spec_to_dict(s) for s in self.inputs],
+                "outputs": [_spec_to_dict(s) for s in self.outputs],
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "package") -> ModelSchema:
+        try:
+            raw = json.loads(text)
+            return cls(
+                inputs=tuple(_spec_from_dict(d) for d in raw["inputs"]),
+                outputs=tuple(_spec_from_dict(d) for d in raw["outputs"]),
+                batched=bool(raw["batched"]),
+                source=source,
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PackageError(f"malformed serving schema: {exc}") from exc
+
+
+def _check_tensor(spec: TensorSpec, tensor: torch.Tensor) -> None:
+    if spec.dtype is not None and DTYPE_NAMES.get(tensor.dtype) != spec.dtype:
+        got = DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
+        raise InvalidInput(f"input {spec.name!r}: dtype {got}, expected {spec.dtype}")
+    if spec.dims is None:
+        return
+    shape = tuple(tensor.shape)
+    expected = "[" + ", ".join(d.describe() for d in spec.dims) + "]"
+    if len(shape) != len(spec.dims):
+        raise InvalidInput(
+            f"input {spec.name!r}: rank {len(shape)} (shape {list(shape)}), "
+            f"expected rank {len(spec.dims)} (shape {expected})"
+        )
+    for i, (value, dim) in enumerate(zip(shape, spec.dims, strict=True)):
+        if not dim.admits(value):
+            raise InvalidInput(
+                f"input {spec.name!r}: dim {i} is {value}, expected {dim.describe()} "
+                f"(shape {list(shape)}, expected {expected})"
+            )
+
+
+def _spec_to_dict(spec: TensorSpec) -> dict[str, Any]:
+    dims = None
+    if spec.dims is not None:
+        dims = [{"size": d.size, "min": d.min, "max": d.max} for d in spec.dims]
+    return {"name": spec.name, "dtype": spec.dtype, "dims": dims}
+
+
+def _spec_from_dict(raw: dict[str, Any]) -> TensorSpec:
+    dtype = raw.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}")
+    dims = raw.get("dims")
+    return TensorSpec(
+        name=str(raw["name"]),
+        dtype=dtype,
+        dims=None
+        if dims is None
+        else tuple(Dim(size=d["size"], min=int(d.get("min", 0)), max=d.get("max")) for d in dims),
+    )
+
+
+# ------------------------------------------------------------------ derivation
+# AOTInductor writes, for each input, a check function into the wrapper source
+# (used when AOTI_RUNTIME_CHECK_INPUTS=1). Those checks are the compiled model's
+# own statement of what it accepts, so a schema read from them is exact for dtype,
+# rank, fixed sizes and dynamic bounds.
+
+_CHECK_FN = re.compile(r"static void check_input_(\d+)\((.*?)\n\}\n", re.DOTALL)
+_EXPECTED_DTYPE = re.compile(r"_expected_dtype = aoti_torch_dtype_(\w+)\(\);")
+_FIXED = re.compile(r"if \((\d+) != \w+_size\[(\d+)\]\)")
+_MIN = re.compile(r"if \(\w+_size\[(\d+)\] < (\d+)\)")
+_MAX = re.compile(r"if \(\w+_size\[(\d+)\] > (\d+)\)")
+_STRIDE = re.compile(r"\w+_stride\[(\d+)\]")
+_OUTPUT_NAME = re.compile(r"outputs_info_\[(\d+)\]\.name")
+
+
+def derive_from_wrapper(source: str) -> ModelSchema:
+    """Read the serving schema from an AOTInductor wrapper .cpp's input checks."""
+    inputs: list[TensorSpec] = []
+    for index, body in _CHECK_FN.findall(source):
+        dtype = _EXPECTED_DTYPE.search(body)
+        fixed = {int(i): int(v) for v, i in _FIXED.findall(body)}
+        lows = {int(i): int(v) for i, v in _MIN.findall(body)}
+        highs = {int(i): int(v) for i, v in _MAX.findall(body)}
+        seen = set(fixed) | set(lows) | set(highs) | {int(i) for i in _STRIDE.findall(body)}
+        rank = max(seen) + 1 if seen else 0
+        dims = tuple(
+            Dim(size=fixed[i]) if i in fixed else Dim(None, lows.get(i, 0), highs.get(i)) for i in range(rank)
+        )
+        inputs.append(TensorSpec(f"input{index}", dtype.group(1) if dtype else None, dims))
+    if not inputs and "check_input_" not in source and "inputs_info_" in source:
+        raise PackageError("the wrapper source has no input checks to derive a schema from")
+    n_out = len(set(_OUTPUT_NAME.findall(source)))
+    outputs = tuple(TensorSpec(f"output{i}", None, None) for i in range(n_out))
+    batched = bool(inputs) and all(s.dims and s.dims[0].size is None for s in inputs)
+    if batched:
+        # The runtime batches fine from one row; export records 2 as the low
+        # bound only because it specialises sizes 0 and 1.
+        inputs = [_relax_low_bound(s) for s in inputs]
+    return ModelSchema(tuple(inputs), outputs, batched, source="derived")
+
+
+def _relax_low_bound(spec: TensorSpec) -> TensorSpec:
+    assert spec.dims is not None
+    first = spec.dims[0]
+    return TensorSpec(spec.name, spec.dtype, (Dim(None, min(first.min, 1), first.max), *spec.dims[1:]))
+
+
+@dataclass(frozen=True, slots=True)
+class ConstantSpec:
+    """A model constant (weight or buffer) as the compiled model lays it out."""
+
+    fqn: str
+    internal_name: str
+    dtype: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    from_folded: bool
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+_CONST_FIELD = re.compile(r"constants_info_\[(\d+)\]\.(\w+) = (.*?);\n")
+
+
+def constants_from_wrapper(source: str) -> dict[str, ConstantSpec]:
+    """Constants by FQN, read from the wrapper's constants_info_ table."""
+    fields: dict[int, dict[str, str]] = {}
+    for index, field, value in _CONST_FIELD.findall(source):
+        fields.setdefault(int(index), {})[field] = value.strip()
+    specs: dict[str, ConstantSpec] = {}
+    for raw in fields.values():
+        dtype = raw.get("dtype", "").removeprefix("cached_torch_dtype_")
+        specs[_unquote(raw["original_fqn"])] = ConstantSpec(
+            fqn=_unquote(raw["original_fqn"]),
+            internal_name=_unquote(raw["name"]),
+            dtype=dtype,
+            shape=_int_list(raw.get("shape", "{}")),
+            stride=_int_list(raw.get("stride", "{}")),
+            from_folded=raw.get("from_folded") == "true",
+        )
+    return specs
+
+
+def _unquote(value: str) -> str:
+    return value.strip().strip('"')
+
+
+def _int_list(value: str) -> tuple[int, ...]:
+    inner = value.strip().lstrip("{").rstrip("}")
+    return tuple(int(v.strip().rstrip("L")) for v in inner.split(",") if v.strip())
+
+
+def describe_inputs(schema: ModelSchema) -> Sequence[str]:
+    return [s.describe() for s in schema.inputs]

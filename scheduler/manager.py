@@ -1,0 +1,290 @@
+"""`ModelManager`: the models this server serves, each behind its own scheduler.
+
+The servicer talks to this class only, in domain types. A model is bound to one
+or more device indices; each binding is its own `ModelPackage` with
+`num_runners` runners (one with `run_single_threaded`), and the model's scheduler
+spreads batches over all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from loader.errors import ExecutionFailed, InvalidInput, ModelExists, ModelNotFound, Unavailable
+from loader.package import CallSpec, LoadOptions, ModelPackage, load_metadata_from_package
+from loader.schema import ConstantSpec, ModelSchema
+from scheduler.batcher import BatchingConfig, ModelScheduler, RunnerSlot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str
+    package_path: str
+    model_name: str = "model"
+    run_single_threaded: bool = False
+    num_runners: int = 1
+    device_indices: tuple[int, ...] = (-1,)
+    schema: ModelSchema | None = None
+    batching: BatchingConfig | None = None  # None: defaults sized from the schema
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise InvalidInput("model name must not be empty")
+        if not self.package_path:
+            raise InvalidInput(f"model {self.name!r}: package_path must not be empty")
+        if self.num_runners < 1:
+            raise InvalidInput(f"model {self.name!r}: num_runners must be at least 1")
+        if not self.device_indices:
+            raise InvalidInput(f"model {self.name!r}: device_indices must not be empty")
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceResult:
+    outputs: dict[str, torch.Tensor]
+    constants_version: int
+
+
+class _DeviceRunner:
+    """Moves inputs to the binding's device and outputs back to the host."""
+
+    def __init__(self, package: ModelPackage) -> None:
+        self._package = package
+        self._device = package.device
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if self._device.type == "cpu":
+            return self._package.run(inputs)
+        moved = [t.to(self._device, non_blocking=True) for t in inputs]
+        return [t.cpu() for t in self._package.run(moved)]
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    config: ModelConfig
+    bindings: list[ModelPackage]
+    scheduler: ModelScheduler
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def schema(self) -> ModelSchema:
+        return self.bindings[0].schema
+
+    @property
+    def constants_version(self) -> int:
+        return self.scheduler.constants_version
+
+    @property
+    def effective_runners(self) -> int:
+        return 1 if self.config.run_single_threaded else self.config.num_runners
+
+
+DEFAULT_MAX_BATCH = 64
+
+
+def fit_batching(schema: ModelSchema, given: BatchingConfig | None) -> BatchingConfig:
+    """Fit a batching config to what the package can run."""
+    given = given or BatchingConfig()
+    if not schema.batched:
+        return replace(given, max_batch_size=1, max_rows_per_request=None, preferred_batch_sizes=())
+    bound = schema.max_rows
+    size = given.max_batch_size or min(bound or DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH)
+    if bound is not None and size > bound:
+        raise InvalidInput(f"max_batch_size {size} exceeds the package's bound of {bound} rows")
+    if any(p > size for p in given.preferred_batch_sizes):
+        raise InvalidInput(f"preferred_batch_sizes must not exceed max_batch_size {size}")
+    return replace(given, max_batch_size=size)
+
+
+class ModelManager:
+    def __init__(self) -> None:
+        self._models: dict[str, LoadedModel] = {}
+        self._loading: set[str] = set()
+        self._closing = False
+
+    # ------------------------------------------------------------ lifecycle
+    async def load(self, config: ModelConfig) -> LoadedModel:
+        if self._closing:
+            raise Unavailable("the server is shutting down")
+        if config.name in self._models or config.name in self._loading:
+            raise ModelExists(f"model {config.name!r} is already loaded")
+        self._loading.add(config.name)
+        try:
+            started = time.monotonic()
+            bindings = await asyncio.to_thread(self._load_bindings, config)
+            batching = fit_batching(bindings[0].schema, config.batching)
+            slots = [
+                RunnerSlot(
+                    _DeviceRunner(b),
+                    1 if config.run_single_threaded else config.num_runners,
+                    label=f"device{d}",
+                )
+                for b, d in zip(bindings, config.device_indices, strict=True)
+            ]
+            scheduler = ModelScheduler(config.name, slots, batching, batched=bindings[0].schema.batched)
+            scheduler.start()
+            model = LoadedModel(config, bindings, scheduler)
+            self._models[config.name] = model
+            log.info(
+                "loaded model %r from %s in %.1fs: devices %s, %d runner(s) each, max batch %d, schema %s",
+                config.name,
+                config.package_path,
+                time.monotonic() - started,
+                list(config.device_indices),
+                model.effective_runners,
+                batching.max_batch_size,
+                model.schema.source,
+            )
+            return model
+        finally:
+            self._loading.discard(config.name)
+
+    @staticmethod
+    def _load_bindings(config: ModelConfig) -> list[ModelPackage]:
+        return [
+            ModelPackage.load(
+                config.package_path,
+                LoadOptions(config.model_name, config.run_single_threaded, config.num_runners, device),
+                config.schema,
+            )
+            for device in config.device_indices
+        ]
+
+    async def unload(self, name: str, grace_s: float = 5.0) -> None:
+        model = self.get(name)
+        del self._models[name]
+        await model.scheduler.close(grace_s)
+        log.info("unloaded model %r", name)
+
+    async def close(self, grace_s: float = 0.0) -> None:
+        """Stop every model: queued work gets `grace_s` to finish."""
+        self._closing = True
+        models = list(self._models.values())
+        self._models.clear()
+        await asyncio.gather(*(m.scheduler.close(grace_s) for m in models))
+
+    def get(self, name: str) -> LoadedModel:
+        if self._closing:
+            raise Unavailable("the server is shutting down")
+        model = self._models.get(name)
+        if model is None:
+            known = ", ".join(sorted(self._models)) or "none"
+            raise ModelNotFound(f"model {name!r} is not loaded; loaded models: {known}")
+        return model
+
+    def models(self) -> list[LoadedModel]:
+        return [self._models[n] for n in sorted(self._models)]
+
+    # ------------------------------------------------------------ inference
+    async def infer(
+        self,
+        name: str,
+        inputs: Mapping[str, torch.Tensor],
+        *,
+        priority: int = 0,
+        timeout_s: float | None = None,
+        deadline: float | None = None,
+        output_names: Sequence[str] = (),
+    ) -> InferenceResult:
+        model = self.get(name)
+        schema = model.schema
+        unknown = [n for n in output_names if n not in schema.output_names]
+        if unknown:
+            raise InvalidInput(
+                f"unknown output {unknown[0]!r}; model {name!r} has outputs: {', '.join(schema.output_names)}"
+            )
+        ordered = schema.validate(inputs)
+        result = await model.scheduler.submit(
+            ordered, priority=priority, timeout_s=timeout_s, deadline=deadline
+        )
+        names = schema.output_names
+        if len(result.outputs) != len(names):
+            raise ExecutionFailed(
+                f"model {name!r} returned {len(result.outputs)} outputs, schema has {len(names)}"
+            )
+        wanted = set(output_names) or set(names)
+        outputs = {n: t for n, t in zip(names, result.outputs, strict=True) if n in wanted}
+        return InferenceResult(outputs, result.constants_version)
+
+    # ------------------------------------------------------ loader methods
+    def get_metadata(self, name: str) -> dict[str, str]:
+        return self.get(name).bindings[0].get_metadata()
+
+    def get_call_spec(self, name: str) -> CallSpec:
+        return self.get(name).bindings[0].get_call_spec()
+
+    def get_constants(self, name: str) -> list[ConstantSpec]:
+        return self.get(name).bindings[0].constant_specs()
+
+    @staticmethod
+    async def load_metadata_from_package(path: str, model_name: str) -> dict[str, str]:
+        return await asyncio.to_thread(load_metadata_from_package, path, model_name)
+
+    async def load_constants(
+        self,
+        name: str,
+        constants: Mapping[str, torch.Tensor],
+        *,
+        use_inactive: bool,
+        check_full_update: bool,
+        user_managed: bool,
+    ) -> int:
+        """Update constants by FQN on every binding; returns the served version."""
+        model = self.get(name)
+        per_binding = self._per_binding(model, constants)
+        for package, tensors in per_binding:
+            package.validate_constants(tensors, by_fqn=True, full=check_full_update)
+
+        def apply() -> None:
+            for package, tensors in per_binding:
+                package.load_constants(
+                    tensors,
+                    use_inactive=use_inactive,
+                    check_full_update=check_full_update,
+                    user_managed=user_managed,
+                )
+
+        await model.scheduler.exclusive(apply, bump_version=not use_inactive)
+        return model.constants_version
+
+    async def update_constant_buffer(
+        self,
+        name: str,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        use_inactive: bool,
+        validate_full_updates: bool,
+        user_managed: bool,
+    ) -> int:
+        """Update constants by internal name on every binding; returns the served version."""
+        model = self.get(name)
+        per_binding = self._per_binding(model, tensors)
+        for package, moved in per_binding:
+            package.validate_constants(moved, by_fqn=False, full=validate_full_updates)
+
+        def apply() -> None:
+            for package, moved in per_binding:
+                package.update_constant_buffer(
+                    moved,
+                    use_inactive=use_inactive,
+                    validate_full_updates=validate_full_updates,
+                    user_managed=user_managed,
+                )
+
+        await model.scheduler.exclusive(apply, bump_version=not use_inactive)
+        return model.constants_version
+
+    @staticmethod
+    def _per_binding(
+        model: LoadedModel, tensors: Mapping[str, torch.Tensor]
+    ) -> list[tuple[ModelPackage, dict[str, torch.Tensor]]]:
+        # Validation checks the device, so host tensors are first copied to each
+        # binding's device; everything is validated before anything is applied.
+        return [(b, {k: v.to(b.device) for k, v in tensors.items()}) for b in model.bindings]

@@ -1,0 +1,272 @@
+"""`pt2serve` command line: serve, build, infer, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import pathlib
+import signal
+import sys
+from collections.abc import Sequence
+
+import grpc
+import numpy as np
+import torch
+
+from loader.errors import Pt2ServeError
+from loader.package import load_metadata_from_package, read_package_sources, resolve_schema
+from loader.schema import DTYPES, ModelSchema
+from scheduler.manager import ModelConfig
+from service.config import (
+    DEFAULT_GRPC_PORT,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_METRICS_PORT,
+    ServerConfig,
+    load_config,
+    parse_model_flag,
+)
+
+log = logging.getLogger("pt2serve")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        result: int = args.func(args)
+        return result
+    except Pt2ServeError as exc:
+        print(f"pt2serve: error: {exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:
+        print(f"pt2serve: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pt2serve", description="Serve AOTInductor .pt2 packages over gRPC."
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve models (the demo model when none is given)")
+    serve.add_argument("--model", action="append", default=[], metavar="NAME=PATH.pt2", help="repeatable")
+    serve.add_argument("--config", metavar="FILE.toml", help="server and model configuration")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1; 0.0.0.0 for all)")
+    serve.add_argument("--grpc-port", type=int, help=f"default {DEFAULT_GRPC_PORT}; 0 picks a free port")
+    serve.add_argument("--metrics-port", type=int, help=f"default {DEFAULT_METRICS_PORT}; 0 disables")
+    serve.add_argument("--max-message-mb", type=int, help=f"default {DEFAULT_MAX_MESSAGE_BYTES >> 20}")
+    serve.add_argument("--num-runners", type=int, default=1, help="runners per --model (default 1)")
+    serve.set_defaults(func=_serve)
+
+    build = sub.add_parser("build", help="export and compile a module into a .pt2 package")
+    build.add_argument("factory", metavar="MODULE:FACTORY", help="a callable returning an nn.Module")
+    build.add_argument(
+        "--example-input",
+        action="append",
+        required=True,
+        metavar="NAME=D0,D1,..[:DTYPE]",
+        help="one per forward argument, in order (dtype default float32)",
+    )
+    build.add_argument("-o", "--output", required=True, metavar="PATH.pt2")
+    build.add_argument("--max-batch", type=int, default=1024, help="upper bound of the batch dim")
+    build.add_argument("--no-batch", action="store_true", help="the model has no batch dimension")
+    build.add_argument("--output-names", help="comma-separated names of the outputs")
+    build.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
+    build.set_defaults(func=_build)
+
+    infer = sub.add_parser("infer", help="send one request and print the outputs")
+    infer.add_argument("--target", default=f"127.0.0.1:{DEFAULT_GRPC_PORT}")
+    infer.add_argument("--model", required=True)
+    infer.add_argument(
+        "--input", action="append", default=[], metavar="NAME=FILE.npy|random", help="repeatable"
+    )
+    infer.add_argument("--rows", type=int, default=1, help="rows for random inputs (default 1)")
+    infer.add_argument("--seed", type=int, default=0, help="seed for random inputs")
+    infer.add_argument("--save", metavar="DIR", help="also write each output to DIR/NAME.npy")
+    infer.add_argument("--timeout", type=float, default=30.0, help="seconds")
+    infer.set_defaults(func=_infer)
+
+    inspect = sub.add_parser("inspect", help="show a package's metadata and schema without loading it")
+    inspect.add_argument("path")
+    inspect.add_argument("--model-name", default="model")
+    inspect.set_defaults(func=_inspect)
+    return parser
+
+
+# ---------------------------------------------------------------------- serve
+def _serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config) if args.config else ServerConfig()
+    overrides: dict[str, object] = {}
+    for flag, key in (("host", "host"), ("grpc_port", "grpc_port"), ("metrics_port", "metrics_port")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    if args.max_message_mb is not None:
+        overrides["max_message_bytes"] = args.max_message_mb << 20
+    models = list(config.models)
+    for flag in args.model:
+        name, path = parse_model_flag(flag)
+        models.append(ModelConfig(name=name, package_path=config.resolve(path), num_runners=args.num_runners))
+    if not models:
+        from service.demo import demo_package
+
+        log.info("no model given: serving the bundled demo model as 'demo' (first run compiles it)")
+        models.append(
+            ModelConfig(name="demo", package_path=str(demo_package()), num_runners=args.num_runners)
+        )
+    from dataclasses import replace
+
+    config = replace(config, models=tuple(models), **overrides)  # type: ignore[arg-type]
+    asyncio.run(_run_server(config))
+    return 0
+
+
+async def _run_server(config: ServerConfig) -> None:
+    from service.metrics import start_metrics_server
+    from service.server import Pt2Server
+
+    server = Pt2Server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    metrics = start_metrics_server(config.host, config.metrics_port) if config.metrics_port else None
+    try:
+        await server.start()
+        log.info("ready: %d model(s): %s", len(config.models), ", ".join(m.name for m in config.models))
+        await stop.wait()
+        log.info("shutting down: draining for up to %.0fs", config.drain_grace_s)
+    finally:
+        await server.stop()
+        if metrics is not None:
+            metrics.shutdown()
+
+
+# ---------------------------------------------------------------------- build
+def _build(args: argparse.Namespace) -> int:
+    from loader.build import build_package, import_factory
+
+    sys.path.insert(0, str(pathlib.Path.cwd()))
+    module = import_factory(args.factory)()
+    examples = dict(_example_input(spec) for spec in args.example_input)
+    metadata = dict(_key_value(item, "--metadata") for item in args.metadata)
+    schema = build_package(
+        module,
+        examples,
+        args.output,
+        batched=not args.no_batch,
+        max_batch_size=args.max_batch,
+        output_names=args.output_names.split(",") if args.output_names else None,
+        metadata=metadata,
+    )
+    print(f"wrote {args.output}")
+    _print_schema(schema)
+    return 0
+
+
+def _example_input(spec: str) -> tuple[str, torch.Tensor]:
+    name, shape_dtype = _key_value(spec, "--example-input")
+    shape_text, _, dtype_name = shape_dtype.partition(":")
+    dtype = DTYPES.get(dtype_name or "float32")
+    if dtype is None:
+        raise SystemExit(f"--example-input {spec!r}: unknown dtype; choose from {', '.join(DTYPES)}")
+    shape = [int(d) for d in shape_text.split(",") if d]
+    return name, _random(shape, dtype, torch.Generator().manual_seed(0))
+
+
+def _key_value(item: str, flag: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"{flag} takes KEY=VALUE, got {item!r}")
+    return key, value
+
+
+def _random(shape: Sequence[int], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    if dtype == torch.bool:
+        return torch.randint(0, 2, tuple(shape), generator=generator).bool()
+    if dtype.is_floating_point:
+        return torch.randn(tuple(shape), generator=generator).to(dtype)
+    return torch.randint(0, 10, tuple(shape), generator=generator, dtype=dtype)
+
+
+# ---------------------------------------------------------------------- infer
+def _infer(args: argparse.Namespace) -> int:
+    from service.client import Pt2ServeClient
+    from service.convert import schema_from_pb
+
+    with Pt2ServeClient(args.target) as client:
+        status = {m.name: m for m in client.list_models()}.get(args.model)
+        if status is None:
+            raise SystemExit(f"model {args.model!r} is not served at {args.target}")
+        schema = schema_from_pb(status.schema)
+        assert schema is not None
+        generator = torch.Generator().manual_seed(args.seed)
+        given = dict(_key_value(item, "--input") for item in args.input)
+        inputs: dict[str, torch.Tensor] = {}
+        for spec in schema.inputs:
+            source = given.pop(spec.name, "random")
+            if source == "random":
+                inputs[spec.name] = _random_for(schema, spec.name, args.rows, generator)
+            else:
+                inputs[spec.name] = torch.from_numpy(np.load(source))
+        if given:
+            raise SystemExit(f"unknown input {next(iter(given))!r}; inputs: {', '.join(schema.input_names)}")
+        outputs = client.infer(args.model, inputs, timeout_s=args.timeout)
+    torch.set_printoptions(precision=6, sci_mode=False)  # type: ignore[no-untyped-call]
+    for name, tensor in outputs.items():
+        print(f"{name}: {str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}")
+        print(tensor)
+        if args.save:
+            pathlib.Path(args.save).mkdir(parents=True, exist_ok=True)
+            np.save(pathlib.Path(args.save, f"{name}.npy"), tensor.numpy())
+    return 0
+
+
+def _random_for(schema: ModelSchema, name: str, rows: int, generator: torch.Generator) -> torch.Tensor:
+    spec = next(s for s in schema.inputs if s.name == name)
+    if spec.dims is None or spec.dtype is None:
+        raise SystemExit(f"input {name!r} has no known shape: give it as {name}=FILE.npy")
+    shape = [d.size if d.size is not None else max(d.min, 1) for d in spec.dims]
+    if schema.batched:
+        shape[0] = rows
+    return _random(shape, DTYPES[spec.dtype], generator)
+
+
+# -------------------------------------------------------------------- inspect
+def _inspect(args: argparse.Namespace) -> int:
+    metadata = load_metadata_from_package(args.path, args.model_name)
+    print(f"package: {args.path}")
+    print("metadata:")
+    for key in sorted(metadata):
+        value = metadata[key]
+        print(f"  {key}: {value if len(value) < 120 else value[:117] + '...'}")
+    schema = resolve_schema(args.path, args.model_name, metadata, None)
+    _print_schema(schema)
+    source = read_package_sources(args.path, args.model_name)
+    if source is not None:
+        from loader.schema import constants_from_wrapper
+
+        constants = constants_from_wrapper(source)
+        print(f"constants ({len(constants)}):")
+        for spec in constants.values():
+            print(f"  {spec.fqn} ({spec.internal_name}): {spec.dtype}{list(spec.shape)}")
+    return 0
+
+
+def _print_schema(schema: ModelSchema) -> None:
+    rows = f", at most {schema.max_rows} rows per run" if schema.max_rows else ""
+    print(f"schema ({schema.source}; {'batched on dim 0' if schema.batched else 'not batched'}{rows}):")
+    for spec in schema.inputs:
+        print(f"  input  {spec.describe()}")
+    for spec in schema.outputs:
+        print(f"  output {spec.describe()}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Server configuration: one typed, frozen value built from flags or a TOML file."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from loader.errors import InvalidInput
+from loader.schema import ModelSchema
+from scheduler.batcher import BatchingConfig
+from scheduler.manager import ModelConfig
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_GRPC_PORT = 8500
+DEFAULT_DRAIN_GRACE_S = 10.0
+DEFAULT_METRICS_PORT = 8502
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = DEFAULT_HOST
+    grpc_port: int = DEFAULT_GRPC_PORT
+    # 0 disables the metrics endpoint.
+    metrics_port: int = DEFAULT_METRICS_PORT
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Relative package paths (flags, config, LoadModel) resolve against this.
+    model_root: str = "."
+    # How long queued requests get to finish on shutdown.
+    drain_grace_s: float = DEFAULT_DRAIN_GRACE_S
+    models: tuple[ModelConfig, ...] = field(default_factory=tuple)
+
+    def resolve(self, path: str) -> str:
+        if not path:
+            raise InvalidInput("package_path must not be empty")
+        return str(pathlib.Path(self.model_root, os.path.expanduser(path)).resolve())
+
+
+def parse_model_flag(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise InvalidInput(f"--model takes NAME=PATH.pt2, got {value!r}")
+    return name, path
+
+
+def load_config(path: str | os.PathLike[str]) -> ServerConfig:
+    """Read a TOML config file (see deploy/config.example.toml)."""
+    file = pathlib.Path(path)
+    try:
+        raw = tomllib.loads(file.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidInput(f"cannot read config {str(file)!r}: {exc}") from exc
+    server = _table(raw, "server", str(file))
+    _reject_unknown(
+        server,
+        {"host", "grpc_port", "metrics_port", "max_message_mb", "model_root", "drain_grace_s"},
+        "[server]",
+    )
+    root = str((file.parent / server.get("model_root", ".")).resolve())
+    models = tuple(_model(entry, i, root) for i, entry in enumerate(raw.get("models", [])))
+    return ServerConfig(
+        host=server.get("host", DEFAULT_HOST),
+        grpc_port=int(server.get("grpc_port", DEFAULT_GRPC_PORT)),
+        metrics_port=int(server.get("metrics_port", DEFAULT_METRICS_PORT)),
+        max_message_bytes=int(server.get("max_message_mb", DEFAULT_MAX_MESSAGE_BYTES >> 20)) << 20,
+        model_root=root,
+        drain_grace_s=float(server.get("drain_grace_s", DEFAULT_DRAIN_GRACE_S)),
+        models=models,
+    )
+
+
+_BATCHING_DEFAULTS = BatchingConfig()
+_MODEL_KEYS = {
+    "name",
+    "path",
+    "model_name",
+    "run_single_threaded",
+    "num_runners",
+    "devices",
+    "schema",
+    "batching",
+}
+_BATCHING_KEYS = {
+    "max_batch_size",
+    "max_queue_delay_ms",
+    "max_queue_size",
+    "default_timeout_ms",
+    "priority_levels",
+    "preferred_batch_sizes",
+    "max_rows_per_request",
+}
+
+
+def _model(entry: dict[str, Any], index: int, root: str) -> ModelConfig:
+    where = f"[[models]] #{index + 1}"
+    _reject_unknown(entry, _MODEL_KEYS, where)
+    for key in ("name", "path"):
+        if key not in entry:
+            raise InvalidInput(f"{where}: {key!r} is required")
+    schema = None
+    if "schema" in entry:
+        schema_path = pathlib.Path(root, entry["schema"])
+        schema = ModelSchema.from_json(schema_path.read_text(), source="user")
+    batching = None
+    if "batching" in entry:
+        b = entry["batching"]
+        _reject_unknown(b, _BATCHING_KEYS, f"{where}.batching")
+        timeout = b.get("default_timeout_ms")
+        batching = BatchingConfig(
+            max_batch_size=int(b.get("max_batch_size", 0)),
+            max_queue_delay_s=float(b.get("max_queue_delay_ms", 0)) / 1e3,
+            max_queue_size=int(b.get("max_queue_size", _BATCHING_DEFAULTS.max_queue_size)),
+            default_timeout_s=float(timeout) / 1e3 if timeout else None,
+            priority_levels=int(b.get("priority_levels", _BATCHING_DEFAULTS.priority_levels)),
+            preferred_batch_sizes=tuple(int(s) for s in b.get("preferred_batch_sizes", ())),
+            max_rows_per_request=int(b["max_rows_per_request"]) if b.get("max_rows_per_request") else None,
+        )
+    return ModelConfig(
+        name=str(entry["name"]),
+        package_path=str(pathlib.Path(root, entry["path"]).resolve()),
+        model_name=str(entry.get("model_name", "model")),
+        run_single_threaded=bool(entry.get("run_single_threaded", False)),
+        num_runners=int(entry.get("num_runners", 1)),
+        device_indices=tuple(int(d) for d in entry.get("devices", (-1,))),
+        schema=schema,
+        batching=batching,
+    )
+
+
+def _table(raw: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{where}: [{key}] must be a table")
+    return value
+
+
+def _reject_unknown(table: dict[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise InvalidInput(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")

@@ -1,0 +1,148 @@
+"""Protobuf <-> domain translation: tensors, schemas, configs."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+
+import torch
+
+from loader.errors import InvalidInput
+from loader.schema import DTYPE_NAMES, DTYPES, ConstantSpec, Dim, ModelSchema, TensorSpec
+from scheduler.batcher import BatchingConfig
+from service.pb import pt2serve_pb2 as pb
+
+if sys.byteorder != "little":  # pragma: no cover - the wire format is little-endian
+    raise ImportError("pt2serve supports little-endian hosts only")
+
+_TO_PB: dict[str, pb.DType] = {
+    "float32": pb.FLOAT32,
+    "float16": pb.FLOAT16,
+    "bfloat16": pb.BFLOAT16,
+    "float64": pb.FLOAT64,
+    "int8": pb.INT8,
+    "int16": pb.INT16,
+    "int32": pb.INT32,
+    "int64": pb.INT64,
+    "uint8": pb.UINT8,
+    "bool": pb.BOOL,
+}
+_FROM_PB: dict[pb.DType, str] = {v: k for k, v in _TO_PB.items()}
+
+
+def dtype_to_pb(name: str | None) -> pb.DType:
+    return _TO_PB[name] if name is not None else pb.DTYPE_UNSPECIFIED
+
+
+def tensor_from_pb(msg: pb.Tensor, field: str) -> torch.Tensor:
+    """Decode a wire tensor; `field` names it in errors (e.g. "inputs['x']")."""
+    name = _FROM_PB.get(msg.dtype)
+    if name is None:
+        label = pb.DType.Name(msg.dtype) if msg.dtype in pb.DType.values() else str(msg.dtype)
+        raise InvalidInput(f"{field}: dtype {label} is not supported")
+    shape = list(msg.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"{field}: negative dimension in shape {shape}")
+    dtype = DTYPES[name]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    numel = math.prod(shape)
+    expected = numel * itemsize
+    if len(msg.data) != expected:
+        raise InvalidInput(
+            f"{field}: data has {len(msg.data)} bytes, shape {shape} of {name} needs {expected}"
+        )
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    # bytearray copies once: the tensor must own writable memory (the runtime
+    # may write into its inputs).
+    return torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(shape)
+
+
+def tensor_to_pb(tensor: torch.Tensor) -> pb.Tensor:
+    tensor = tensor.detach().cpu().contiguous()
+    name = DTYPE_NAMES.get(tensor.dtype)
+    if name is None:
+        raise InvalidInput(f"dtype {tensor.dtype} cannot be sent")
+    data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    return pb.Tensor(dtype=_TO_PB[name], shape=list(tensor.shape), data=data)
+
+
+def tensors_from_pb(msgs: Mapping[str, pb.Tensor], field: str) -> dict[str, torch.Tensor]:
+    return {name: tensor_from_pb(t, f"{field}[{name!r}]") for name, t in msgs.items()}
+
+
+def schema_to_pb(schema: ModelSchema) -> pb.ModelSchema:
+    def spec(s: TensorSpec) -> pb.TensorSpec:
+        dims = [
+            pb.DimSpec(size=-1 if d.size is None else d.size, min=d.min, max=d.max or 0)
+            for d in (s.dims or ())
+        ]
+        return pb.TensorSpec(
+            name=s.name, dtype=dtype_to_pb(s.dtype), dims=dims, shape_known=s.dims is not None
+        )
+
+    return pb.ModelSchema(
+        inputs=[spec(s) for s in schema.inputs],
+        outputs=[spec(s) for s in schema.outputs],
+        batched=schema.batched,
+        source=schema.source,
+    )
+
+
+def schema_from_pb(msg: pb.ModelSchema) -> ModelSchema | None:
+    """A user-given schema, or None when the message is empty."""
+    if not msg.inputs:
+        return None
+
+    def spec(s: pb.TensorSpec, field: str) -> TensorSpec:
+        if not s.name:
+            raise InvalidInput(f"{field}: name is required")
+        dtype = _FROM_PB.get(s.dtype) if s.dtype else None
+        if s.dtype and dtype is None:
+            raise InvalidInput(f"{field}: unsupported dtype {s.dtype}")
+        dims = tuple(
+            Dim(size=None, min=d.min, max=d.max or None) if d.size < 0 else Dim(size=d.size) for d in s.dims
+        )
+        return TensorSpec(s.name, dtype, dims if s.shape_known or s.dims else None)
+
+    return ModelSchema(
+        inputs=tuple(spec(s, f"schema.inputs[{i}]") for i, s in enumerate(msg.inputs)),
+        outputs=tuple(spec(s, f"schema.outputs[{i}]") for i, s in enumerate(msg.outputs)),
+        batched=msg.batched,
+        source="user",
+    )
+
+
+def batching_to_pb(config: BatchingConfig) -> pb.BatchingConfig:
+    return pb.BatchingConfig(
+        max_batch_size=config.max_batch_size,
+        max_queue_delay_us=round(config.max_queue_delay_s * 1e6),
+        max_queue_size=config.max_queue_size,
+        default_timeout_us=round((config.default_timeout_s or 0) * 1e6),
+        priority_levels=config.priority_levels,
+        preferred_batch_sizes=list(config.preferred_batch_sizes),
+        max_rows_per_request=config.max_rows_per_request or 0,
+    )
+
+
+def batching_from_pb(msg: pb.BatchingConfig) -> BatchingConfig | None:
+    """A user-given batching config, or None to size one from the schema."""
+    if msg.ByteSize() == 0:
+        return None
+    defaults = BatchingConfig()
+    return BatchingConfig(
+        max_batch_size=msg.max_batch_size,
+        max_queue_delay_s=msg.max_queue_delay_us / 1e6,
+        max_queue_size=msg.max_queue_size or defaults.max_queue_size,
+        default_timeout_s=msg.default_timeout_us / 1e6 if msg.default_timeout_us else None,
+        priority_levels=msg.priority_levels or defaults.priority_levels,
+        preferred_batch_sizes=tuple(msg.preferred_batch_sizes),
+        max_rows_per_request=msg.max_rows_per_request or None,
+    )
+
+
+def constant_to_pb(spec: ConstantSpec) -> pb.ConstantInfo:
+    return pb.ConstantInfo(
+        fqn=spec.fqn, internal_name=spec.internal_name, dtype=dtype_to_pb(spec.dtype), shape=list(spec.shape)
+    )

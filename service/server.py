@@ -1,0 +1,77 @@
+"""The pt2serve process: gRPC server, health, reflection, metrics endpoint, lifecycle."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_reflection.v1alpha import reflection
+
+from scheduler.manager import ModelManager
+from service.config import ServerConfig
+from service.errors import DomainErrorInterceptor
+from service.health import SERVICES, ModelHealth
+from service.pb import pt2serve_pb2_grpc as pb_grpc
+from service.servicer import InferenceServicer, ModelLoaderServicer
+
+log = logging.getLogger(__name__)
+
+
+class Pt2Server:
+    """Lifecycle: `await start()`, then `await stop()` (drains queued work)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.manager = ModelManager()
+        self.health = ModelHealth()
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> int:
+        """Listen, then load the configured models; returns the bound gRPC port."""
+        cfg = self.config
+        server = grpc.aio.server(
+            interceptors=[DomainErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ],
+        )
+        pb_grpc.add_ModelLoaderServicer_to_server(  # type: ignore[no-untyped-call]
+            ModelLoaderServicer(self.manager, self.health, cfg.resolve), server
+        )
+        pb_grpc.add_InferenceServicer_to_server(  # type: ignore[no-untyped-call]
+            InferenceServicer(self.manager), server
+        )
+        from grpc_health.v1 import health_pb2_grpc
+
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        reflection.enable_server_reflection(
+            (*SERVICES, "grpc.health.v1.Health", reflection.SERVICE_NAME), server
+        )
+        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {cfg.host}:{cfg.grpc_port}")
+        await self.health.set_server(False)
+        await server.start()
+        self._server = server
+        log.info("gRPC listening on %s:%d", cfg.host, self.port)
+        for model in cfg.models:
+            await self.manager.load(model)
+            await self.health.set_serving(model.name, True)
+        await self.health.set_server(True)
+        return self.port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop taking new calls, let queued and running requests finish within the
+        grace, then close every model."""
+        grace = self.config.drain_grace_s if grace_s is None else grace_s
+        await self.health.shutdown()
+        await self.manager.close(grace)
+        if self._server is not None:
+            await self._server.stop(grace)
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()

@@ -1,0 +1,135 @@
+"""Session fixtures: real `.pt2` packages, compiled once and cached.
+
+Packages are specific to the torch version and CPU ISA, so they are built here,
+cached under .cache/test-packages keyed by torch version, ISA and model source,
+and never committed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pathlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+import torch
+
+from loader.build import build_package, cached_package
+from scheduler.manager import ModelConfig
+from service.config import ServerConfig
+from service.demo import demo_package
+from service.pb import pt2serve_pb2_grpc as pb_grpc
+from service.server import Pt2Server
+from tests import models
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CACHE = pathlib.Path(os.environ.get("PT2SERVE_TEST_CACHE", ROOT / ".cache" / "test-packages"))
+MODELS_SOURCE = inspect.getsource(models)
+
+
+@dataclass(frozen=True)
+class Packages:
+    demo: pathlib.Path
+    two_input: pathlib.Path
+    unbatched: pathlib.Path
+    foreign: pathlib.Path
+
+
+def _build_two_input(path: pathlib.Path) -> None:
+    build_package(
+        models.make_two_input(),
+        models.two_input_example(),
+        path,
+        max_batch_size=32,
+        output_names=["mixed", "peak"],
+        metadata={"owner": "tests"},
+    )
+
+
+def _build_unbatched(path: pathlib.Path) -> None:
+    # Through the CLI, so `pt2serve build` is exercised on a real compile.
+    from service.cli import main
+
+    code = main(
+        [
+            "build",
+            "tests.models:make_unbatched",
+            "--example-input",
+            "v=6",
+            "--no-batch",
+            "-o",
+            str(path),
+        ]
+    )
+    assert code == 0
+
+
+def _build_foreign(path: pathlib.Path) -> None:
+    """A package compiled without pt2serve: no schema in its metadata."""
+    example = models.two_input_example()
+    batch = torch.export.Dim("batch", min=1, max=16)
+    exported = torch.export.export(
+        models.make_two_input(),
+        tuple(example.values()),
+        dynamic_shapes={"features": {0: batch}, "ids": {0: batch}},
+    )
+    torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
+
+
+@pytest.fixture(scope="session")
+def packages() -> Packages:
+    return Packages(
+        demo=demo_package(CACHE),
+        two_input=cached_package(CACHE, "two_input", [MODELS_SOURCE], _build_two_input),
+        unbatched=cached_package(CACHE, "unbatched", [MODELS_SOURCE], _build_unbatched),
+        foreign=cached_package(CACHE, "foreign", [MODELS_SOURCE], _build_foreign),
+    )
+
+
+@dataclass
+class Running:
+    server: Pt2Server
+    channel: grpc.aio.Channel
+    loader: pb_grpc.ModelLoaderStub
+    inference: pb_grpc.InferenceStub
+    target: str
+
+
+def served_models(packages: Packages) -> tuple[ModelConfig, ...]:
+    return (
+        ModelConfig("demo", str(packages.demo), num_runners=2),
+        ModelConfig("two", str(packages.two_input)),
+        ModelConfig("vec", str(packages.unbatched)),
+    )
+
+
+@pytest.fixture
+async def running(packages: Packages, tmp_path: pathlib.Path) -> AsyncIterator[Running]:
+    config = ServerConfig(
+        grpc_port=0, metrics_port=0, model_root=str(CACHE), models=served_models(packages)
+    )
+    server = Pt2Server(config)
+    await server.start()
+    target = f"127.0.0.1:{server.port}"
+    channel = grpc.aio.insecure_channel(target)
+    try:
+        yield Running(
+            server,
+            channel,
+            pb_grpc.ModelLoaderStub(channel),
+            pb_grpc.InferenceStub(channel),
+            target,
+        )
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+@pytest.fixture
+def eager_demo() -> Iterator[torch.nn.Module]:
+    from service.demo import demo_model
+
+    yield demo_model()
