@@ -42,6 +42,11 @@ class ModelConfig:
             raise InvalidInput(f"model {self.name!r}: package_path must not be empty")
         if self.num_runners < 1:
             raise InvalidInput(f"model {self.name!r}: num_runners must be at least 1")
+        if self.run_single_threaded and self.num_runners != 1:
+            raise InvalidInput(
+                f"model {self.name!r}: run_single_threaded runs one runner per device; "
+                f"num_runners must be 1, got {self.num_runners}"
+            )
         if not self.device_indices:
             raise InvalidInput(f"model {self.name!r}: device_indices must not be empty")
 

@@ -1,0 +1,138 @@
+"""The command line as a user runs it: real processes, real ports."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from loader.errors import InvalidInput
+from service.config import load_config
+from service.demo import demo_model
+from tests import models
+from tests.conftest import CACHE, Packages
+
+ENV = {**os.environ, "PT2SERVE_CACHE_DIR": str(CACHE), "PYTHONUNBUFFERED": "1"}
+
+
+def pt2serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+        check=False,
+    )
+
+
+@pytest.fixture
+def server(packages: Packages, tmp_path: pathlib.Path) -> subprocess.Popen[str]:
+    """`pt2serve serve` with no model: the bundled demo (its package is cached)."""
+    log = (tmp_path / "serve.log").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--grpc-port", "0", "--metrics-port", "0"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            text = pathlib.Path(log.name).read_text()
+            if "ready:" in text:
+                break
+            time.sleep(0.1)
+        text = pathlib.Path(log.name).read_text()
+        match = re.search(r"gRPC listening on 127\.0\.0\.1:(\d+)", text)
+        assert match and "ready:" in text, text
+        proc.port = int(match.group(1))  # type: ignore[attr-defined]
+        proc.log = log.name  # type: ignore[attr-defined]
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+        log.close()
+
+
+def test_serve_then_infer_matches_eager(server: subprocess.Popen[str], tmp_path: pathlib.Path) -> None:
+    target = f"127.0.0.1:{server.port}"  # type: ignore[attr-defined]
+    x = torch.randn(3, 16)
+    np.save(tmp_path / "x.npy", x.numpy())
+    result = pt2serve("infer", "--target", target, "--model", "demo", "--input", f"x={tmp_path / 'x.npy'}",
+                      "--save", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "logits: float32[3, 4]" in result.stdout
+    got = torch.from_numpy(np.load(tmp_path / "out" / "logits.npy"))
+    torch.testing.assert_close(got, demo_model()(x))
+
+    random = pt2serve("infer", "--target", target, "--model", "demo", "--rows", "2")
+    assert random.returncode == 0, random.stderr
+    assert "logits: float32[2, 4]" in random.stdout
+
+    missing = pt2serve("infer", "--target", target, "--model", "nope")
+    assert missing.returncode != 0 and "'nope' is not served" in missing.stderr
+
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=30) == 0
+    log = pathlib.Path(server.log).read_text()  # type: ignore[attr-defined]
+    assert "serving the bundled demo model" in log and "loaded model 'demo'" in log
+    assert "shutting down" in log and "stopped" in log
+
+
+def test_inspect_reads_a_package_without_loading(packages: Packages) -> None:
+    result = pt2serve("inspect", str(packages.two_input))
+    assert result.returncode == 0, result.stderr
+    assert "owner: tests" in result.stdout
+    assert "input  features: float32[1..32, 8]" in result.stdout
+    assert "input  ids: int64[1..32, 3]" in result.stdout
+    assert "proj.weight" in result.stdout
+    foreign = pt2serve("inspect", str(packages.foreign))
+    assert "schema (derived; batched on dim 0, at most 16 rows per run)" in foreign.stdout
+    missing = pt2serve("inspect", "/nonexistent.pt2")
+    assert missing.returncode == 2 and "no package file" in missing.stderr
+
+
+def test_built_unbatched_package_serves_via_config(packages: Packages, tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "pt2serve.toml"
+    config.write_text(
+        f"""
+[server]
+grpc_port = 0
+model_root = "{packages.unbatched.parent}"
+
+[[models]]
+name = "vec"
+path = "{packages.unbatched.name}"
+num_runners = 2
+
+[models.batching]
+max_queue_size = 7
+default_timeout_ms = 250
+"""
+    )
+    loaded = load_config(config)
+    assert loaded.grpc_port == 0
+    (model,) = loaded.models
+    assert model.package_path == str(packages.unbatched) and model.num_runners == 2
+    assert model.batching is not None and model.batching.max_queue_size == 7
+    assert model.batching.default_timeout_s == 0.25
+    v = torch.randn(6)
+    assert models.make_unbatched()(v).shape == (6,)
+
+
+def test_config_rejects_unknown_keys(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[[models]]\nname = "a"\npath = "a.pt2"\nrunners = 2\n')
+    with pytest.raises(InvalidInput, match=r"unknown key 'runners'"):
+        load_config(config)

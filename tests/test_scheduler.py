@@ -1,0 +1,403 @@
+"""Scheduler unit tests with a fake runner whose timing the test controls.
+
+The runner is held back by a threading.Event (it runs in executor threads), so
+tests decide exactly what is queued while a batch computes; no sleeps decide
+outcomes and nothing asserts on wall-clock time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from loader.errors import ExecutionFailed, Expired, InvalidInput, Overloaded, Unavailable
+from scheduler.batcher import BatchingConfig, ModelScheduler, RunnerSlot, RunResult
+
+WIDTHS = (3, 5)  # two shape buckets: rows of width 3 or 5
+
+
+class FakeRunner:
+    """Doubles its input; records every batch; fails rows whose id is negative."""
+
+    def __init__(self, *, hold: bool = False) -> None:
+        self.gate = threading.Event()
+        if not hold:
+            self.gate.set()
+        self.batches: list[list[int]] = []
+        self.entered: list[list[int]] = []
+        self.widths: list[set[int]] = []
+        self.lock = threading.Lock()
+        self.running = 0
+        self.max_running = 0
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        with self.lock:
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+            self.entered.append([int(i) for i in inputs[0][:, 0].tolist()])
+        try:
+            self.gate.wait(timeout=30)
+            (x,) = inputs
+            with self.lock:
+                self.batches.append([int(i) for i in x[:, 0].tolist()])
+                self.widths.append({x.shape[1]})
+            if (x[:, 0] < 0).any():
+                raise RuntimeError("poisoned row")
+            return [x * 2, x.sum(dim=1)]
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def request(ident: int, rows: int = 1, width: int = 3) -> list[torch.Tensor]:
+    x = torch.full((rows, width), float(ident))
+    x[:, 1:] = torch.arange(rows * (width - 1), dtype=torch.float32).reshape(rows, width - 1)
+    return [x]
+
+
+def expected(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    (x,) = inputs
+    return [x * 2, x.sum(dim=1)]
+
+
+def make(
+    runner: FakeRunner, *, capacity: int = 1, clock: FakeClock | None = None, **config: object
+) -> ModelScheduler:
+    cfg = BatchingConfig(**{"max_batch_size": 8, **config})  # type: ignore[arg-type]
+    kwargs = {"clock": clock} if clock else {}
+    scheduler = ModelScheduler("m", [RunnerSlot(runner, capacity)], cfg, batched=True, **kwargs)  # type: ignore[arg-type]
+    scheduler.start()
+    return scheduler
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def settle() -> None:
+    """Let every ready task run until the loop is quiet."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_idle_runner_dispatches_a_lone_request_at_once() -> None:
+    runner = FakeRunner()
+    scheduler = make(runner, max_queue_delay_s=0.0)
+    result = await scheduler.submit(request(1, rows=2))
+    torch.testing.assert_close(result.outputs, expected(request(1, rows=2)))
+    assert runner.batches == [[1, 1]]
+    await scheduler.close()
+
+
+async def test_queue_accumulates_while_the_runner_is_busy() -> None:
+    runner = FakeRunner(hold=True)
+    scheduler = make(runner)
+    first = asyncio.ensure_future(scheduler.submit(request(1)))
+    await settle()
+    rest = [asyncio.ensure_future(scheduler.submit(request(i))) for i in range(2, 7)]
+    await settle()
+    assert scheduler.queue_depth == 5 and scheduler.batches_in_flight == 1
+    runner.gate.set()
+    await asyncio.gather(first, *rest)
+    assert runner.batches == [[1], [2, 3, 4, 5, 6]]
+    await scheduler.close()
+
+
+async def test_batches_respect_max_size_and_buckets() -> None:
+    runner = FakeRunner(hold=True)
+    scheduler = make(runner, max_batch_size=4)
+    blocker = asyncio.ensure_future(scheduler.submit(request(100)))
+    await settle()
+    tasks = [
+        asyncio.ensure_future(scheduler.submit(request(i, rows=1 + i % 2, width=WIDTHS[i % 2]))) for i in range(10)
+    ]
+    await settle()
+    runner.gate.set()
+    results = await asyncio.gather(blocker, *tasks)
+    for i, result in enumerate(results[1:]):
+        torch.testing.assert_close(result.outputs, expected(request(i, rows=1 + i % 2, width=WIDTHS[i % 2])))
+    for batch, width in zip(runner.batches, runner.widths, strict=True):
+        assert len(batch) <= 4 and len(width) == 1
+    await scheduler.close()
+
+
+async def test_full_queue_is_refused_at_once() -> None:
+    runner = FakeRunner(hold=True)
+    scheduler = make(runner, max_queue_size=2)
+    running = asyncio.ensure_future(scheduler.submit(request(1)))
+    await settle()
+    queued = [asyncio.ensure_future(scheduler.submit(request(i))) for i in (2, 3)]
+    await settle()
+    with pytest.raises(Overloaded, match="queue full"):
+        await scheduler.submit(request(4))
+    runner.gate.set()
+    await asyncio.gather(running, *queued)
+    assert 4 not in sum(runner.batches, [])
+    await scheduler.close()
+
+
+async def test_expired_requests_never_run() -> None:
+    runner = FakeRunner(hold=True)
+    clock = FakeClock()
+    scheduler = make(runner, clock=clock)
+    running = asyncio.ensure_future(scheduler.submit(request(1)))
+    await settle()
+    doomed = asyncio.ensure_future(scheduler.submit(request(2), deadline=clock.now + 5))
+    kept = asyncio.ensure_future(scheduler.submit(request(3), deadline=clock.now + 50))
+    await settle()
+    clock.now += 10
+    runner.gate.set()
+    with pytest.raises(Expired, match="deadline exceeded while queued"):
+        await doomed
+    await asyncio.gather(running, kept)
+    assert runner.batches == [[1], [3]]
+    assert scheduler.queue_depth == 0
+    await scheduler.close()
+
+
+async def test_timeout_can_only_shorten_the_deadline() -> None:
+    runner = FakeRunner(hold=True)
+    clock = FakeClock()
+    scheduler = make(runner, clock=clock, default_timeout_s=5.0)
+    running = asyncio.ensure_future(scheduler.submit(request(1)))
+    await settle()
+    # A later deadline does not extend the default timeout.
+    late = asyncio.ensure_future(scheduler.submit(request(2), deadline=clock.now + 100))
+    await settle()
+    clock.now += 6
+    runner.gate.set()
+    with pytest.raises(Expired):
+        await late
+    await running
+    with pytest.raises(Expired, match="before the request was queued"):
+        await scheduler.submit(request(3), deadline=clock.now - 1)
+    await scheduler.close()
+
+
+async def test_cancelled_requests_never_run_and_leave_no_work() -> None:
+    runner = FakeRunner(hold=True)
+    scheduler = make(runner)
+    running = asyncio.ensure_future(scheduler.submit(request(1)))
+    await settle()
+    victims = [asyncio.ensure_future(scheduler.submit(request(i))) for i in (2, 3)]
+    survivor = asyncio.ensure_future(scheduler.submit(request(4)))
+    await settle()
+    for task in victims:
+        task.cancel()
+    await settle()
+    assert scheduler.queue_depth == 1
+    runner.gate.set()
+    await asyncio.gather(running, survivor)
+    assert runner.batches == [[1], [4]]
+    await scheduler.close()
+
+
+async def test_a_failing_batch_is_retried_member_by_member() -> None:
+    runner = FakeRunner(hold=True)
+    scheduler = make(runner)
+    first = asyncio.ensure_future(scheduler.submit(request(1)))
+    await settle()
+    good = [asyncio.ensure_future(scheduler.submit(request(i))) for i in (2, 3)]
+    bad = asyncio.ensure_future(scheduler.submit(request(-5)))
+    await settle()
+    runner.gate.set()
+    await asyncio.gather(first, *good)
+    with pytest.raises(ExecutionFailed, match="poisoned row"):
+        await bad
+    # The mixed batch failed once, then each member ran alone.
+    assert runner.batches[1] == [2, 3, -5] and sorted(runner.batches[2:]) == [[-5], [2], [3]]
+    assert (await scheduler.submit(request(9))).outputs[0][0, 0] == 18
+    await scheduler.close()
+
+
+async def test_higher_priority_goes_first() -> None:
+    runner = FakeRunner(hold=True)
+    scheduler = make(runner, max_batch_size=1)
+    running = asyncio.ensure_future(scheduler.submit(request(1)))
+    await settle()
+    low = asyncio.ensure_future(scheduler.submit(request(2), priority=1))
+    high = asyncio.ensure_future(scheduler.submit(request(3), priority=0))
+    await settle()
+    runner.gate.set()
+    await asyncio.gather(running, low, high)
+    assert runner.batches == [[1], [3], [2]]
+    with pytest.raises(InvalidInput, match="priority 2 out of range"):
+        await scheduler.submit(request(4), priority=2)
+    await scheduler.close()
+
+
+async def test_large_requests_are_split_and_reassembled() -> None:
+    runner = FakeRunner()
+    scheduler = make(runner, max_batch_size=4, max_rows_per_request=10)
+    inputs = request(7, rows=10)
+    result = await scheduler.submit(inputs)
+    torch.testing.assert_close(result.outputs, expected(inputs))
+    assert [len(b) for b in runner.batches] == [4, 4, 2]
+    with pytest.raises(InvalidInput, match="too many rows: 11"):
+        await scheduler.submit(request(7, rows=11))
+    await scheduler.close()
+
+
+async def test_preferred_batch_sizes_cut_batches() -> None:
+    runner = FakeRunner(hold=True)
+    scheduler = make(runner, max_batch_size=8, preferred_batch_sizes=(4,))
+    first = asyncio.ensure_future(scheduler.submit(request(0)))
+    await settle()
+    rest = [asyncio.ensure_future(scheduler.submit(request(i))) for i in range(1, 7)]
+    await settle()
+    runner.gate.set()
+    await asyncio.gather(first, *rest)
+    assert [len(b) for b in runner.batches] == [1, 4, 2]
+    await scheduler.close()
+
+
+async def test_queue_delay_holds_a_partial_batch_until_it_fills() -> None:
+    runner = FakeRunner()
+    scheduler = make(runner, max_batch_size=3, max_queue_delay_s=60.0)
+    tasks = [asyncio.ensure_future(scheduler.submit(request(i))) for i in range(3)]
+    # Full at three rows: dispatched without waiting out the delay.
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+    assert runner.batches == [[0, 1, 2]]
+    await scheduler.close()
+
+
+async def test_two_runner_slots_run_two_batches_at_once() -> None:
+    runner = FakeRunner(hold=True)
+    scheduler = make(runner, capacity=2, max_batch_size=1)
+    tasks = [asyncio.ensure_future(scheduler.submit(request(i))) for i in range(4)]
+    await settle()
+    assert scheduler.batches_in_flight == 2 and scheduler.queue_depth == 2
+    runner.gate.set()
+    await asyncio.gather(*tasks)
+    assert runner.max_running == 2
+    await scheduler.close()
+
+
+async def test_exclusive_waits_for_running_batches_and_blocks_new_ones() -> None:
+    runner = FakeRunner(hold=True)
+    scheduler = make(runner)
+    running = asyncio.ensure_future(scheduler.submit(request(1)))
+    await settle()
+    seen: list[int] = []
+
+    def update() -> str:
+        seen.append(runner.running)
+        return "done"
+
+    update_task = asyncio.ensure_future(scheduler.exclusive(update, bump_version=True))
+    await settle()
+    queued = asyncio.ensure_future(scheduler.submit(request(2)))
+    await settle()
+    assert not update_task.done() and scheduler.queue_depth == 1
+    runner.gate.set()
+    assert await update_task == "done"
+    first, second = await asyncio.gather(running, queued)
+    assert seen == [0]
+    assert first.constants_version == 0 and second.constants_version == 1
+    await scheduler.close()
+
+
+async def test_close_drains_then_refuses() -> None:
+    runner = FakeRunner(hold=True)
+    scheduler = make(runner)
+    running = asyncio.ensure_future(scheduler.submit(request(1)))
+    await settle()
+    queued = asyncio.ensure_future(scheduler.submit(request(2)))
+    await settle()
+    closing = asyncio.ensure_future(scheduler.close(grace_s=0.0))
+    await settle()
+    runner.gate.set()
+    await closing
+    assert isinstance(await running, RunResult)
+    with pytest.raises(Unavailable):
+        await queued
+    with pytest.raises(Unavailable):
+        await scheduler.submit(request(3))
+
+
+# ------------------------------------------------------------------ properties
+request_plan = st.tuples(
+    st.integers(1, 4),  # rows
+    st.sampled_from(WIDTHS),  # bucket
+    st.integers(0, 1),  # priority
+    st.sampled_from(["ok", "ok", "ok", "cancel", "expire", "poison"]),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    plans=st.lists(request_plan, min_size=1, max_size=25),
+    max_batch=st.integers(1, 8),
+    capacity=st.integers(1, 2),
+    delay=st.sampled_from([0.0, 0.001]),
+)
+def test_every_request_is_answered_exactly_once(
+    plans: list[tuple[int, int, int, str]], max_batch: int, capacity: int, delay: float
+) -> None:
+    asyncio.run(_check_invariants(plans, max_batch, capacity, delay))
+
+
+async def _check_invariants(
+    plans: list[tuple[int, int, int, str]], max_batch: int, capacity: int, delay: float
+) -> None:
+    runner = FakeRunner(hold=True)
+    clock = FakeClock()
+    scheduler = make(
+        runner,
+        capacity=capacity,
+        clock=clock,
+        max_batch_size=max_batch,
+        max_rows_per_request=8,
+        max_queue_delay_s=delay,
+    )
+    inputs = {}
+    tasks = {}
+    for ident, (rows, width, priority, fate) in enumerate(plans, start=1):
+        key = -ident if fate == "poison" else ident
+        inputs[key] = request(key, rows=rows, width=width)
+        deadline = clock.now + (1 if fate == "expire" else 1e6)
+        tasks[key] = asyncio.ensure_future(scheduler.submit(inputs[key], priority=priority, deadline=deadline))
+    await settle()
+    # Wait until every dispatched batch has reached the runner, so `started` is exact.
+    for _ in range(1000):
+        with runner.lock:
+            if len(runner.entered) == scheduler.batches_in_flight:
+                break
+        await asyncio.sleep(0.001)
+    with runner.lock:
+        started = {i for batch in runner.entered for i in batch}
+    fates = {(-i if p[3] == "poison" else i): p[3] for i, p in enumerate(plans, start=1)}
+    for key, fate in fates.items():
+        if fate == "cancel":
+            tasks[key].cancel()
+    clock.now += 2  # every "expire" deadline passes while it waits
+    runner.gate.set()
+    results = await asyncio.gather(*tasks.values(), return_exceptions=True)
+    executed = {i for batch in runner.batches for i in batch}
+    for (key, fate), result in zip(fates.items(), results, strict=True):
+        if fate == "cancel" and key not in started:
+            assert isinstance(result, asyncio.CancelledError)
+            assert key not in executed
+        elif fate == "expire" and key not in started:
+            assert isinstance(result, Expired), result
+            assert key not in executed
+        elif fate == "poison":
+            assert isinstance(result, ExecutionFailed)
+        elif fate == "ok":
+            assert isinstance(result, RunResult), result
+            torch.testing.assert_close(result.outputs, expected(inputs[key]))
+    for batch, widths in zip(runner.batches, runner.widths, strict=True):
+        assert len(batch) <= max_batch
+        assert len(widths) == 1
+    assert scheduler.queue_depth == 0
+    await scheduler.close()
