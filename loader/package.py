@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from loader.errors import InvalidInput, PackageError, PackageNotFound, Unsupported
+from loader.native import NativeContainer
 from loader.schema import (
     DTYPE_NAMES,
     METADATA_KEY,
@@ -41,12 +42,18 @@ class CallSpec:
     output_names: tuple[str, ...]
 
 
+RUNTIMES = ("native", "binding")
+
+
 @dataclass(frozen=True, slots=True)
 class LoadOptions:
     model_name: str = DEFAULT_MODEL_NAME
     run_single_threaded: bool = False
     num_runners: int = 1
     device_index: int = -1
+    # "native": the model's C ABI through ctypes, GIL released while it runs.
+    # "binding": torch's AOTIModelPackageLoader, the reference implementation.
+    runtime: str = "native"
 
 
 def load_metadata_from_package(path: str, model_name: str = DEFAULT_MODEL_NAME) -> dict[str, str]:
@@ -98,7 +105,7 @@ class ModelPackage:
         self,
         path: str,
         options: LoadOptions,
-        loader: Any,
+        runtime: Any,
         schema: ModelSchema,
         metadata: dict[str, str],
         constants: dict[str, ConstantSpec] | None,
@@ -106,10 +113,14 @@ class ModelPackage:
         self.path = path
         self.options = options
         self.schema = schema
-        self._loader = loader
+        # Exactly one of the two runtimes serves this package.
+        self._native: NativeContainer | None = runtime if isinstance(runtime, NativeContainer) else None
+        self._loader: Any = None if self._native is not None else runtime
         self._metadata = metadata
         self._constants = constants
         self._user_managed: dict[str, torch.Tensor] = {}
+        # Internal names staged into the inactive buffer since the last swap.
+        self._staged: set[str] = set()
 
     @classmethod
     def load(
@@ -117,10 +128,27 @@ class ModelPackage:
     ) -> ModelPackage:
         if options.num_runners < 1:
             raise InvalidInput(f"num_runners must be at least 1, got {options.num_runners}")
+        if options.runtime not in RUNTIMES:
+            raise InvalidInput(f"runtime must be one of {', '.join(RUNTIMES)}, got {options.runtime!r}")
         metadata = load_metadata_from_package(path, options.model_name)
         resolved = resolve_schema(path, options.model_name, metadata, schema)
         source = read_package_sources(path, options.model_name)
         constants = constants_from_wrapper(source) if source is not None else None
+        if options.runtime == "native":
+            container = NativeContainer(
+                path,
+                options.model_name,
+                num_runners=1 if options.run_single_threaded else options.num_runners,
+                device=_device_string(metadata, options.device_index),
+                single_threaded=options.run_single_threaded,
+            )
+            if container.num_inputs != len(resolved.inputs):
+                container.close()
+                raise PackageError(
+                    f"{path!r}: the model takes {container.num_inputs} inputs, "
+                    f"the schema names {len(resolved.inputs)}"
+                )
+            return cls(path, options, container, resolved, metadata, constants)
         try:
             loader = torch._C._aoti.AOTIModelPackageLoader(
                 path,
@@ -133,9 +161,17 @@ class ModelPackage:
             raise PackageError(f"cannot load {path!r} (model {options.model_name!r}): {exc}") from exc
         return cls(path, options, loader, resolved, dict(loader.get_metadata()), constants)
 
+    def close(self) -> None:
+        """Free the model container (the .so stays mapped: the runtime never unloads it)."""
+        if self._native is not None:
+            self._native.close()
+        self._loader = None
+
     # ---------------------------------------------------------------- running
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Run validated inputs (call order); the runtime may reuse their storage."""
+        if self._native is not None:
+            return self._native.run(inputs)
         outputs: list[torch.Tensor] = self._loader.boxed_run(list(inputs))
         return outputs
 
@@ -144,10 +180,15 @@ class ModelPackage:
         return dict(self._metadata)
 
     def get_call_spec(self) -> CallSpec:
-        in_spec, out_spec = self._loader.get_call_spec()
+        if self._native is not None:
+            in_spec, out_spec = self._native.call_spec()
+        else:
+            in_spec, out_spec = self._loader.get_call_spec()
         return CallSpec(in_spec, out_spec, self.schema.input_names, self.schema.output_names)
 
     def get_constant_fqns(self) -> list[str]:
+        if self._native is not None:
+            return [s.fqn for s in self._require_constant_table().values() if not s.from_folded]
         return list(self._loader.get_constant_fqns())
 
     def constant_specs(self) -> list[ConstantSpec]:
@@ -166,6 +207,11 @@ class ModelPackage:
     ) -> None:
         """`AOTIModelPackageLoader.load_constants`: keys are FQNs. Validated first."""
         self.validate_constants(constants, by_fqn=True, full=check_full_update)
+        if self._native is not None:
+            table = self._require_constant_table()
+            by_name = {table[fqn].internal_name: t for fqn, t in constants.items()}
+            self._native_update(by_name, use_inactive, check_full_update)
+            return
         self._keep_user_managed(constants, user_managed)
         self._loader.load_constants(dict(constants), use_inactive, check_full_update, user_managed)
 
@@ -179,8 +225,40 @@ class ModelPackage:
     ) -> None:
         """`AOTIModelPackageLoader.update_constant_buffer`: keys are internal names."""
         self.validate_constants(tensors, by_fqn=False, full=validate_full_updates)
+        if self._native is not None:
+            self._native_update(tensors, use_inactive, validate_full_updates)
+            return
         self._keep_user_managed(tensors, user_managed)
         self._loader.update_constant_buffer(dict(tensors), use_inactive, validate_full_updates, user_managed)
+
+    def _native_update(self, by_name: Mapping[str, torch.Tensor], use_inactive: bool, full: bool) -> None:
+        # The native runtime always copies: user_managed (which makes the runtime
+        # borrow the caller's storage, and leaks with the binding) changes nothing.
+        assert self._native is not None
+        self._native.update_constants(by_name, use_inactive=use_inactive, validate_full=full)
+        if use_inactive:
+            self._staged.update(by_name)
+
+    def swap_constant_buffer(self) -> None:
+        """Serve the inactive buffer. Refused unless every constant was staged since
+        the last swap: the runtime leaves unstaged parameters empty and then crashes."""
+        self.check_swappable()
+        assert self._native is not None
+        self._native.swap_constant_buffer()
+        self._staged.clear()
+
+    def check_swappable(self) -> None:
+        if self._native is None:
+            raise Unsupported("torch's loader binding has no swap; load the model with the native runtime")
+        table = self._require_constant_table()
+        missing = sorted(
+            s.fqn for s in table.values() if not s.from_folded and s.internal_name not in self._staged
+        )
+        if missing:
+            raise Unsupported(
+                f"cannot swap: constant {missing[0]!r} and {len(missing) - 1} more were not staged in the "
+                "inactive buffer since the last swap"
+            )
 
     def validate_constants(self, tensors: Mapping[str, torch.Tensor], *, by_fqn: bool, full: bool) -> None:
         """Raise InvalidInput unless every tensor matches its constant exactly.
@@ -232,6 +310,13 @@ class ModelPackage:
             return torch.device("cpu")
         index = self.options.device_index if self.options.device_index >= 0 else 0
         return torch.device(key, index)
+
+
+def _device_string(metadata: Mapping[str, str], device_index: int) -> str:
+    key = metadata.get("AOTI_DEVICE_KEY", "cpu")
+    if key == "cpu" or device_index < 0:
+        return key
+    return f"{key}:{device_index}"
 
 
 def _check_package_file(path: str) -> None:

@@ -34,6 +34,7 @@ class ModelConfig:
     device_indices: tuple[int, ...] = (-1,)
     schema: ModelSchema | None = None
     batching: BatchingConfig | None = None  # None: defaults sized from the schema
+    runtime: str = "native"  # or "binding": see loader.package.LoadOptions
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -156,7 +157,9 @@ class ModelManager:
         return [
             ModelPackage.load(
                 config.package_path,
-                LoadOptions(config.model_name, config.run_single_threaded, config.num_runners, device),
+                LoadOptions(
+                    config.model_name, config.run_single_threaded, config.num_runners, device, config.runtime
+                ),
                 config.schema,
             )
             for device in config.device_indices
@@ -165,15 +168,21 @@ class ModelManager:
     async def unload(self, name: str, grace_s: float = 5.0) -> None:
         model = self.get(name)
         del self._models[name]
-        await model.scheduler.close(grace_s)
+        await self._close_model(model, grace_s)
         log.info("unloaded model %r", name)
+
+    @staticmethod
+    async def _close_model(model: LoadedModel, grace_s: float) -> None:
+        await model.scheduler.close(grace_s)
+        for binding in model.bindings:
+            binding.close()
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Stop every model: queued work gets `grace_s` to finish."""
         self._closing = True
         models = list(self._models.values())
         self._models.clear()
-        await asyncio.gather(*(m.scheduler.close(grace_s) for m in models))
+        await asyncio.gather(*(self._close_model(m, grace_s) for m in models))
 
     def get(self, name: str) -> LoadedModel:
         if self._closing:
@@ -284,6 +293,19 @@ class ModelManager:
                 )
 
         await model.scheduler.exclusive(apply, bump_version=not use_inactive)
+        return model.constants_version
+
+    async def swap_constant_buffer(self, name: str) -> int:
+        """Serve the staged constants on every binding at once; returns the new version."""
+        model = self.get(name)
+
+        def swap() -> None:
+            for package in model.bindings:
+                package.check_swappable()
+            for package in model.bindings:
+                package.swap_constant_buffer()
+
+        await model.scheduler.exclusive(swap, bump_version=True)
         return model.constants_version
 
     @staticmethod

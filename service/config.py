@@ -82,6 +82,7 @@ _MODEL_KEYS = {
     "devices",
     "schema",
     "batching",
+    "runtime",
 }
 _BATCHING_KEYS = {
     "max_batch_size",
@@ -127,6 +128,7 @@ def _model(entry: dict[str, Any], index: int, root: str) -> ModelConfig:
         device_indices=tuple(int(d) for d in entry.get("devices", (-1,))),
         schema=schema,
         batching=batching,
+        runtime=str(entry.get("runtime", "native")),
     )
 
 

@@ -39,6 +39,7 @@ def model_status(model: LoadedModel) -> pb.ModelStatus:
         schema=convert.schema_to_pb(model.schema),
         batching=convert.batching_to_pb(model.scheduler.config),
         constants_version=model.constants_version,
+        runtime=config.runtime,
     )
 
 
@@ -58,6 +59,7 @@ class ModelLoaderServicer(pb_grpc.ModelLoaderServicer):
             device_indices=tuple(request.device_indices) or (-1,),
             schema=convert.schema_from_pb(request.schema),
             batching=convert.batching_from_pb(request.batching),
+            runtime=request.runtime or "native",
         )
         model = await self._manager.load(config)
         await self._health.set_serving(config.name, True)
@@ -115,6 +117,12 @@ class ModelLoaderServicer(pb_grpc.ModelLoaderServicer):
             user_managed=request.user_managed,
         )
         return pb.ConstantUpdateResponse(constants_version=version, updated=len(tensors))
+
+    async def SwapConstantBuffer(
+        self, request: pb.SwapConstantBufferRequest, context: Context
+    ) -> pb.ConstantUpdateResponse:
+        version = await self._manager.swap_constant_buffer(request.name)
+        return pb.ConstantUpdateResponse(constants_version=version)
 
     async def LoadMetadataFromPackage(
         self, request: pb.LoadMetadataFromPackageRequest, context: Context

@@ -108,9 +108,7 @@ def served_models(packages: Packages) -> tuple[ModelConfig, ...]:
 
 @pytest.fixture
 async def running(packages: Packages, tmp_path: pathlib.Path) -> AsyncIterator[Running]:
-    config = ServerConfig(
-        grpc_port=0, metrics_port=0, model_root=str(CACHE), models=served_models(packages)
-    )
+    config = ServerConfig(grpc_port=0, metrics_port=0, model_root=str(CACHE), models=served_models(packages))
     server = Pt2Server(config)
     await server.start()
     target = f"127.0.0.1:{server.port}"

@@ -69,8 +69,17 @@ def test_serve_then_infer_matches_eager(server: subprocess.Popen[str], tmp_path:
     target = f"127.0.0.1:{server.port}"  # type: ignore[attr-defined]
     x = torch.randn(3, 16)
     np.save(tmp_path / "x.npy", x.numpy())
-    result = pt2serve("infer", "--target", target, "--model", "demo", "--input", f"x={tmp_path / 'x.npy'}",
-                      "--save", str(tmp_path / "out"))
+    result = pt2serve(
+        "infer",
+        "--target",
+        target,
+        "--model",
+        "demo",
+        "--input",
+        f"x={tmp_path / 'x.npy'}",
+        "--save",
+        str(tmp_path / "out"),
+    )
     assert result.returncode == 0, result.stderr
     assert "logits: float32[3, 4]" in result.stdout
     got = torch.from_numpy(np.load(tmp_path / "out" / "logits.npy"))

@@ -117,7 +117,10 @@ def test_load_constants_changes_outputs_like_eager(packages: Packages) -> None:
 @pytest.mark.parametrize(
     ("tensor", "message"),
     [
-        (torch.zeros(32, 16, dtype=torch.float64), r"constant 'hidden.weight': dtype float64, expected float32"),
+        (
+            torch.zeros(32, 16, dtype=torch.float64),
+            r"constant 'hidden.weight': dtype float64, expected float32",
+        ),
         (torch.zeros(16, 32), r"constant 'hidden.weight': shape \[16, 32\], expected \[32, 16\]"),
         (torch.zeros(16, 32).t(), r"constant 'hidden.weight': tensor is not contiguous"),
     ],
@@ -164,9 +167,7 @@ def test_inactive_update_is_not_served(packages: Packages) -> None:
     package = ModelPackage.load(str(packages.demo))
     x = torch.randn(2, 16)
     before = package.run([x.clone()])[0]
-    package.load_constants(
-        {"hidden.weight": torch.zeros(32, 16)}, use_inactive=True, check_full_update=False
-    )
+    package.load_constants({"hidden.weight": torch.zeros(32, 16)}, use_inactive=True, check_full_update=False)
     torch.testing.assert_close(package.run([x.clone()])[0], before)
 
 

@@ -119,7 +119,8 @@ async def test_batches_respect_max_size_and_buckets() -> None:
     blocker = asyncio.ensure_future(scheduler.submit(request(100)))
     await settle()
     tasks = [
-        asyncio.ensure_future(scheduler.submit(request(i, rows=1 + i % 2, width=WIDTHS[i % 2]))) for i in range(10)
+        asyncio.ensure_future(scheduler.submit(request(i, rows=1 + i % 2, width=WIDTHS[i % 2])))
+        for i in range(10)
     ]
     await settle()
     runner.gate.set()
@@ -366,7 +367,9 @@ async def _check_invariants(
         key = -ident if fate == "poison" else ident
         inputs[key] = request(key, rows=rows, width=width)
         deadline = clock.now + (1 if fate == "expire" else 1e6)
-        tasks[key] = asyncio.ensure_future(scheduler.submit(inputs[key], priority=priority, deadline=deadline))
+        tasks[key] = asyncio.ensure_future(
+            scheduler.submit(inputs[key], priority=priority, deadline=deadline)
+        )
     await settle()
     # Wait until every dispatched batch has reached the runner, so `started` is exact.
     for _ in range(1000):

@@ -191,12 +191,24 @@ BAD_INPUTS += [
         grpc.StatusCode.INVALID_ARGUMENT,
         ["inputs['x']: data has 124 bytes, shape [2, 16] of float32 needs 128"],
     ),
-    ("dtype unset", _unset_dtype_request(), grpc.StatusCode.INVALID_ARGUMENT, ["inputs['x']: dtype DTYPE_UNSPECIFIED"]),
-    ("negative dim", _negative_dim_request(), grpc.StatusCode.INVALID_ARGUMENT, ["inputs['x']: negative dimension"]),
+    (
+        "dtype unset",
+        _unset_dtype_request(),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["inputs['x']: dtype DTYPE_UNSPECIFIED"],
+    ),
+    (
+        "negative dim",
+        _negative_dim_request(),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["inputs['x']: negative dimension"],
+    ),
 ]
 
 
-@pytest.mark.parametrize(("case", "request_", "code", "fragments"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+@pytest.mark.parametrize(
+    ("case", "request_", "code", "fragments"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS]
+)
 async def test_bad_input_gets_a_precise_status_and_the_server_keeps_serving(
     running: Running, case: str, request_: pb.RunRequest, code: grpc.StatusCode, fragments: list[str]
 ) -> None:
@@ -351,7 +363,9 @@ async def test_load_and_unload_models(running: Running, packages: Packages) -> N
     assert check.status == health_pb2.HealthCheckResponse.SERVING
 
     await running.loader.UnloadModel(pb.UnloadModelRequest(name="foreign"))
-    await expect_error(running.inference.Run(run_request("foreign", input0=example["features"])), grpc.StatusCode.NOT_FOUND)
+    await expect_error(
+        running.inference.Run(run_request("foreign", input0=example["features"])), grpc.StatusCode.NOT_FOUND
+    )
     check = await health.Check(health_pb2.HealthCheckRequest(service="foreign"))
     assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
     await expect_error(
@@ -382,7 +396,9 @@ async def test_load_model_errors(running: Running, packages: Packages) -> None:
     await expect_error(
         running.loader.LoadModel(
             pb.LoadModelRequest(
-                name="big", package_path=str(packages.two_input), batching=pb.BatchingConfig(max_batch_size=64)
+                name="big",
+                package_path=str(packages.two_input),
+                batching=pb.BatchingConfig(max_batch_size=64),
             )
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -400,13 +416,19 @@ async def test_user_schema_overrides_derived_names(running: Running, packages: P
         batched=True,
         inputs=[
             pb.TensorSpec(
-                name="features", dtype=pb.FLOAT32, dims=[pb.DimSpec(size=-1, min=1, max=16), pb.DimSpec(size=8)]
+                name="features",
+                dtype=pb.FLOAT32,
+                dims=[pb.DimSpec(size=-1, min=1, max=16), pb.DimSpec(size=8)],
             ),
-            pb.TensorSpec(name="ids", dtype=pb.INT64, dims=[pb.DimSpec(size=-1, min=1, max=16), pb.DimSpec(size=3)]),
+            pb.TensorSpec(
+                name="ids", dtype=pb.INT64, dims=[pb.DimSpec(size=-1, min=1, max=16), pb.DimSpec(size=3)]
+            ),
         ],
         outputs=[pb.TensorSpec(name="mixed"), pb.TensorSpec(name="peak")],
     )
-    await running.loader.LoadModel(pb.LoadModelRequest(name="named", package_path=str(packages.foreign), schema=schema))
+    await running.loader.LoadModel(
+        pb.LoadModelRequest(name="named", package_path=str(packages.foreign), schema=schema)
+    )
     example = models.two_input_example(2)
     got = outputs_of(await running.inference.Run(run_request("named", **example)))
     torch.testing.assert_close(got["peak"], models.make_two_input()(**example)[1])
@@ -418,9 +440,7 @@ async def test_health_and_reflection(running: Running) -> None:
     for service in ("", "demo", "pt2serve.v1.Inference", "pt2serve.v1.ModelLoader"):
         check = await health.Check(health_pb2.HealthCheckRequest(service=service))
         assert check.status == health_pb2.HealthCheckResponse.SERVING, service
-    await expect_error(
-        health.Check(health_pb2.HealthCheckRequest(service="nope")), grpc.StatusCode.NOT_FOUND
-    )
+    await expect_error(health.Check(health_pb2.HealthCheckRequest(service="nope")), grpc.StatusCode.NOT_FOUND)
     stub = reflection_pb2_grpc.ServerReflectionStub(running.channel)
 
     async def ask() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
@@ -441,3 +461,32 @@ async def test_large_tensor_fits_default_message_size(running: Running) -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         "input 'x': rank 3",
     )
+
+
+async def test_stage_then_swap_constants(running: Running) -> None:
+    listed = (await running.loader.GetConstantFqns(pb.GetConstantFqnsRequest(name="demo"))).constants
+    eager = demo_model()
+    with torch.no_grad():
+        for c in listed:
+            eager.get_parameter(c.fqn).add_(0.25)
+    staged = await running.loader.LoadConstants(
+        pb.LoadConstantsRequest(
+            name="demo",
+            constants={c.fqn: convert.tensor_to_pb(eager.get_parameter(c.fqn).detach()) for c in listed},
+            use_inactive=True,
+        )
+    )
+    assert staged.constants_version == 0
+    x = torch.randn(2, 16)
+    swapped = await running.loader.SwapConstantBuffer(pb.SwapConstantBufferRequest(name="demo"))
+    assert swapped.constants_version == 1
+    response = await running.inference.Run(run_request("demo", x=x))
+    assert response.constants_version == 1
+    torch.testing.assert_close(outputs_of(response)["logits"], eager(x))
+    await expect_error(
+        running.loader.SwapConstantBuffer(pb.SwapConstantBufferRequest(name="demo")),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "were not staged",
+    )
+    status = (await running.loader.ListModels(pb.ListModelsRequest())).models[0]
+    assert status.name == "demo" and status.constants_version == 1 and status.runtime == "native"

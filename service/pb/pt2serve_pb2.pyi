@@ -95,7 +95,7 @@ class BatchingConfig(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., default_timeout_us: _Optional[int] = ..., priority_levels: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., max_rows_per_request: _Optional[int] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("name", "package_path", "model_name", "run_single_threaded", "num_runners", "device_indices", "schema", "batching")
+    __slots__ = ("name", "package_path", "model_name", "run_single_threaded", "num_runners", "device_indices", "schema", "batching", "runtime")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PACKAGE_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,7 @@ class LoadModelRequest(_message.Message):
     DEVICE_INDICES_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
     name: str
     package_path: str
     model_name: str
@@ -112,10 +113,11 @@ class LoadModelRequest(_message.Message):
     device_indices: _containers.RepeatedScalarFieldContainer[int]
     schema: ModelSchema
     batching: BatchingConfig
-    def __init__(self, name: _Optional[str] = ..., package_path: _Optional[str] = ..., model_name: _Optional[str] = ..., run_single_threaded: _Optional[bool] = ..., num_runners: _Optional[int] = ..., device_indices: _Optional[_Iterable[int]] = ..., schema: _Optional[_Union[ModelSchema, _Mapping]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ...) -> None: ...
+    runtime: str
+    def __init__(self, name: _Optional[str] = ..., package_path: _Optional[str] = ..., model_name: _Optional[str] = ..., run_single_threaded: _Optional[bool] = ..., num_runners: _Optional[int] = ..., device_indices: _Optional[_Iterable[int]] = ..., schema: _Optional[_Union[ModelSchema, _Mapping]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., runtime: _Optional[str] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "package_path", "model_name", "run_single_threaded", "num_runners", "device_indices", "schema", "batching", "constants_version")
+    __slots__ = ("name", "package_path", "model_name", "run_single_threaded", "num_runners", "device_indices", "schema", "batching", "constants_version", "runtime")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PACKAGE_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +127,7 @@ class ModelStatus(_message.Message):
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     CONSTANTS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
     name: str
     package_path: str
     model_name: str
@@ -134,7 +137,8 @@ class ModelStatus(_message.Message):
     schema: ModelSchema
     batching: BatchingConfig
     constants_version: int
-    def __init__(self, name: _Optional[str] = ..., package_path: _Optional[str] = ..., model_name: _Optional[str] = ..., run_single_threaded: _Optional[bool] = ..., num_runners: _Optional[int] = ..., device_indices: _Optional[_Iterable[int]] = ..., schema: _Optional[_Union[ModelSchema, _Mapping]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., constants_version: _Optional[int] = ...) -> None: ...
+    runtime: str
+    def __init__(self, name: _Optional[str] = ..., package_path: _Optional[str] = ..., model_name: _Optional[str] = ..., run_single_threaded: _Optional[bool] = ..., num_runners: _Optional[int] = ..., device_indices: _Optional[_Iterable[int]] = ..., schema: _Optional[_Union[ModelSchema, _Mapping]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., constants_version: _Optional[int] = ..., runtime: _Optional[str] = ...) -> None: ...
 
 class LoadModelResponse(_message.Message):
     __slots__ = ("model",)
@@ -264,6 +268,12 @@ class UpdateConstantBufferRequest(_message.Message):
     validate_full_updates: bool
     user_managed: bool
     def __init__(self, name: _Optional[str] = ..., constants: _Optional[_Mapping[str, Tensor]] = ..., use_inactive: _Optional[bool] = ..., validate_full_updates: _Optional[bool] = ..., user_managed: _Optional[bool] = ...) -> None: ...
+
+class SwapConstantBufferRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ConstantUpdateResponse(_message.Message):
     __slots__ = ("constants_version", "updated")

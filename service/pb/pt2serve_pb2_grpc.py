@@ -76,6 +76,11 @@ class ModelLoaderStub:
                 request_serializer=pt2serve_dot_v1_dot_pt2serve__pb2.UpdateConstantBufferRequest.SerializeToString,
                 response_deserializer=pt2serve_dot_v1_dot_pt2serve__pb2.ConstantUpdateResponse.FromString,
                 _registered_method=True)
+        self.SwapConstantBuffer = channel.unary_unary(
+                '/pt2serve.v1.ModelLoader/SwapConstantBuffer',
+                request_serializer=pt2serve_dot_v1_dot_pt2serve__pb2.SwapConstantBufferRequest.SerializeToString,
+                response_deserializer=pt2serve_dot_v1_dot_pt2serve__pb2.ConstantUpdateResponse.FromString,
+                _registered_method=True)
         self.LoadMetadataFromPackage = channel.unary_unary(
                 '/pt2serve.v1.ModelLoader/LoadMetadataFromPackage',
                 request_serializer=pt2serve_dot_v1_dot_pt2serve__pb2.LoadMetadataFromPackageRequest.SerializeToString,
@@ -142,6 +147,13 @@ class ModelLoaderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SwapConstantBuffer(self, request, context):
+        """Serve the constants staged with use_inactive (AOTIModelContainerRunner::swap_constant_buffer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def LoadMetadataFromPackage(self, request, context):
         """static AOTIModelPackageLoader::load_metadata_from_package: no load.
         """
@@ -190,6 +202,11 @@ def add_ModelLoaderServicer_to_server(servicer, server):
             'UpdateConstantBuffer': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateConstantBuffer,
                     request_deserializer=pt2serve_dot_v1_dot_pt2serve__pb2.UpdateConstantBufferRequest.FromString,
+                    response_serializer=pt2serve_dot_v1_dot_pt2serve__pb2.ConstantUpdateResponse.SerializeToString,
+            ),
+            'SwapConstantBuffer': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwapConstantBuffer,
+                    request_deserializer=pt2serve_dot_v1_dot_pt2serve__pb2.SwapConstantBufferRequest.FromString,
                     response_serializer=pt2serve_dot_v1_dot_pt2serve__pb2.ConstantUpdateResponse.SerializeToString,
             ),
             'LoadMetadataFromPackage': grpc.unary_unary_rpc_method_handler(
@@ -415,6 +432,33 @@ class ModelLoader:
             target,
             '/pt2serve.v1.ModelLoader/UpdateConstantBuffer',
             pt2serve_dot_v1_dot_pt2serve__pb2.UpdateConstantBufferRequest.SerializeToString,
+            pt2serve_dot_v1_dot_pt2serve__pb2.ConstantUpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwapConstantBuffer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pt2serve.v1.ModelLoader/SwapConstantBuffer',
+            pt2serve_dot_v1_dot_pt2serve__pb2.SwapConstantBufferRequest.SerializeToString,
             pt2serve_dot_v1_dot_pt2serve__pb2.ConstantUpdateResponse.FromString,
             options,
             channel_credentials,
