@@ -42,22 +42,29 @@ def build_package(
     *,
     batched: bool = True,
     max_batch_size: int = DEFAULT_MAX_BATCH,
+    static_batch: int | None = None,
     output_names: list[str] | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> ModelSchema:
     """Export `module` on `example_inputs` (forward's positional args, by name) and
     compile it to `output_path`. With `batched`, dim 0 of every input is dynamic in
-    1..max_batch_size. Returns the schema stored in the package."""
+    1..max_batch_size, or, with `static_batch`, compiled at exactly that many rows (the
+    server pads smaller batches). Returns the schema stored in the package."""
     module = module.eval()
     names = list(example_inputs)
     _check_forward_signature(module, names)
     examples = dict(example_inputs)
+    if static_batch is not None and (not batched or static_batch < 1):
+        raise InvalidInput("static_batch needs a batched model and at least one row")
     if batched:
         if any(t.dim() == 0 for t in examples.values()):
             raise InvalidInput("a batched model needs every input to have a batch dimension")
-        # Export specialises sizes 0 and 1, so trace with at least two rows.
+        # Trace at the static batch size; otherwise with at least two rows, since
+        # export specialises sizes 0 and 1.
+        rows = static_batch or max(2, min(t.shape[0] for t in examples.values()))
         examples = {
-            n: t if t.shape[0] >= 2 else t.expand(2, *t.shape[1:]).clone() for n, t in examples.items()
+            n: t if t.shape[0] == rows else t[:1].expand(rows, *t.shape[1:]).clone()
+            for n, t in examples.items()
         }
     args = tuple(examples.values())
     with torch.no_grad():
@@ -71,13 +78,14 @@ def build_package(
     if len(out_names) != len(flat_out):
         raise InvalidInput(f"{len(out_names)} output names for {len(flat_out)} outputs")
 
-    rows = next(iter(examples.values())).shape[0] if batched else None
+    example_rows = next(iter(examples.values())).shape[0] if batched else None
     dynamic_shapes: dict[str, Any] | None = None
-    if batched:
+    if batched and static_batch is None:
         batch = torch.export.Dim("batch", min=1, max=max_batch_size)
         dynamic_shapes = {n: {0: batch} for n in names}
+    if batched:
         for name, out in zip(out_names, flat_out, strict=True):
-            if out.dim() == 0 or out.shape[0] != rows:
+            if out.dim() == 0 or out.shape[0] != example_rows:
                 raise InvalidInput(f"output {name!r} has no batch dimension matching the inputs")
 
     import torch.fx.experimental._config as fx_config
@@ -89,7 +97,7 @@ def build_package(
 
     def spec(name: str, t: torch.Tensor) -> TensorSpec:
         dims = tuple(Dim(size=s) for s in t.shape)
-        if batched:
+        if batched and static_batch is None:
             dims = (Dim(None, 1, max_batch_size), *dims[1:])
         return TensorSpec(name, dtype_name(t.dtype), dims)
 

@@ -90,10 +90,26 @@ class ModelSchema:
         return tuple(s.name for s in self.outputs)
 
     @property
+    def static_batch(self) -> int | None:
+        """The compiled batch size of a batched model whose dim 0 is fixed, else None.
+
+        Requests to such a model carry 1..static_batch rows; the scheduler pads
+        each batch up to the compiled size and drops the padding from the outputs.
+        """
+        if not self.batched:
+            return None
+        sizes = {s.dims[0].size for s in self.inputs if s.dims}
+        if len(sizes) == 1 and (size := sizes.pop()) is not None:
+            return size
+        return None
+
+    @property
     def max_rows(self) -> int | None:
         """The most rows one run takes (the tightest bound on dim 0), or None."""
         if not self.batched:
             return None
+        if (static := self.static_batch) is not None:
+            return static
         bounds = [s.dims[0].max for s in self.inputs if s.dims and s.dims[0].max is not None]
         return min(bounds) if bounds else None
 
@@ -101,13 +117,22 @@ class ModelSchema:
     def min_rows(self) -> int:
         if not self.batched:
             return 0
+        if self.static_batch is not None:
+            return 1
         return max((s.dims[0].min for s in self.inputs if s.dims), default=1)
 
-    def validate(self, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    def validate(
+        self, inputs: Mapping[str, torch.Tensor], *, row_limit: int | None = None
+    ) -> list[torch.Tensor]:
         """Check `inputs` against the schema; return them in call order.
 
-        Raises InvalidInput naming the offending input and what was expected.
+        `row_limit` replaces the package's bound on dim 0 of a batched model (the
+        scheduler splits requests larger than one batch). Raises InvalidInput naming
+        the offending input and what was expected.
         """
+        batch_dim = None
+        if self.batched:
+            batch_dim = Dim(None, self.min_rows, self.max_rows if row_limit is None else row_limit)
         unknown = sorted(set(inputs) - set(self.input_names))
         if unknown:
             raise InvalidInput(
@@ -119,7 +144,7 @@ class ModelSchema:
             tensor = inputs.get(spec.name)
             if tensor is None:
                 raise InvalidInput(f"missing input {spec.name!r} ({spec.describe()})")
-            _check_tensor(spec, tensor)
+            _check_tensor(spec, tensor, batch_dim)
             if self.batched:
                 rows[spec.name] = tensor.shape[0]
             ordered.append(tensor)
@@ -153,20 +178,25 @@ class ModelSchema:
             raise PackageError(f"malformed serving schema: {exc}") from exc
 
 
-def _check_tensor(spec: TensorSpec, tensor: torch.Tensor) -> None:
+def _check_tensor(spec: TensorSpec, tensor: torch.Tensor, batch_dim: Dim | None) -> None:
     if spec.dtype is not None and DTYPE_NAMES.get(tensor.dtype) != spec.dtype:
         got = DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
         raise InvalidInput(f"input {spec.name!r}: dtype {got}, expected {spec.dtype}")
     if spec.dims is None:
         return
     shape = tuple(tensor.shape)
-    expected = "[" + ", ".join(d.describe() for d in spec.dims) + "]"
-    if len(shape) != len(spec.dims):
+    dims = spec.dims if batch_dim is None or not spec.dims else (batch_dim, *spec.dims[1:])
+    expected = "[" + ", ".join(d.describe() for d in dims) + "]"
+    if len(shape) != len(dims):
         raise InvalidInput(
             f"input {spec.name!r}: rank {len(shape)} (shape {list(shape)}), "
-            f"expected rank {len(spec.dims)} (shape {expected})"
+            f"expected rank {len(dims)} (shape {expected})"
         )
-    for i, (value, dim) in enumerate(zip(shape, spec.dims, strict=True)):
+    for i, (value, dim) in enumerate(zip(shape, dims, strict=True)):
+        if i == 0 and batch_dim is not None and batch_dim.max is not None and value > batch_dim.max:
+            raise InvalidInput(
+                f"input {spec.name!r}: too many rows: {value} (dim 0), at most {batch_dim.max} per request"
+            )
         if not dim.admits(value):
             raise InvalidInput(
                 f"input {spec.name!r}: dim {i} is {value}, expected {dim.describe()} "

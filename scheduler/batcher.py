@@ -9,15 +9,15 @@ Invariants (the tests check each one):
 - a request that is cancelled or whose deadline passed while queued never runs;
 - when a runner is idle and work is queued, a batch is dispatched at once, unless
   the user asked for `max_queue_delay` to grow batches;
-- the model runs in executor threads, never on the event loop.
+- the model runs in worker threads (scheduler/workers.py), never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import enum
+import functools
 import itertools
 import logging
 import time
@@ -28,6 +28,7 @@ from typing import Protocol, TypeVar
 import torch
 
 from loader.errors import ExecutionFailed, Expired, InvalidInput, Overloaded, Unavailable
+from scheduler.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -125,11 +126,6 @@ def _resolve(req: PendingRequest, result: RunResult | BaseException) -> None:
         req.future.set_result(result)
 
 
-def _consume(future: asyncio.Future[RunResult]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
 class ModelScheduler:
     """Batches one model's requests across its runner slots."""
 
@@ -140,6 +136,7 @@ class ModelScheduler:
         config: BatchingConfig,
         *,
         batched: bool,
+        pad_to: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not slots:
@@ -149,6 +146,8 @@ class ModelScheduler:
         self.name = name
         self.config = config
         self.batched = batched
+        # A package compiled at a static batch size runs every batch at that size.
+        self.pad_to = pad_to
         self.constants_version = 0
         self.stats = _Stats()
         self._slots = list(slots)
@@ -159,25 +158,19 @@ class ModelScheduler:
         self._queued = 0
         self._in_flight = 0
         self._batch_tasks: set[asyncio.Task[None]] = set()
-        self._wakeup = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self._paused = 0
         self._exclusive_lock = asyncio.Lock()
         self._closing = False
         self._timer: asyncio.TimerHandle | None = None
-        workers = sum(s.capacity for s in self._slots)
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=workers + 1, thread_name_prefix=f"pt2serve-{name}"
-        )
-        self._dispatcher: asyncio.Task[None] | None = None
+        self._workers = WorkerPool(sum(s.capacity for s in self._slots), f"pt2serve-{name}")
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        self._dispatcher = asyncio.get_running_loop().create_task(
-            self._dispatch_loop(), name=f"dispatch-{self.name}"
-        )
-        self._dispatcher.add_done_callback(self._log_crash)
+        self._loop = asyncio.get_running_loop()
+        self._workers.start(self._loop)
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Refuse new requests, let queued work finish within `grace_s`, fail the rest
@@ -185,7 +178,7 @@ class ModelScheduler:
         self._closing = True
         deadline = self._clock() + grace_s
         while (self._queued or self._in_flight) and self._clock() < deadline:
-            self._wakeup.set()
+            self._pump()
             await asyncio.sleep(min(0.01, max(0.0, deadline - self._clock())))
         for queue in self._queues:
             while queue:
@@ -193,14 +186,10 @@ class ModelScheduler:
                 if req.state is _State.QUEUED:
                     self._queued -= 1
                     _resolve(req, Unavailable(f"model {self.name!r} is shutting down"))
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-            await asyncio.gather(self._dispatcher, return_exceptions=True)
-        if self._batch_tasks:
-            await asyncio.gather(*self._batch_tasks, return_exceptions=True)
+        await self._idle.wait()  # running batches resolve their own requests
         if self._timer is not None:
             self._timer.cancel()
-        self._executor.shutdown(wait=True)
+        self._workers.close()
 
     @property
     def queue_depth(self) -> int:
@@ -219,10 +208,23 @@ class ModelScheduler:
         timeout_s: float | None = None,
         deadline: float | None = None,
     ) -> RunResult:
-        """Queue validated inputs (call order) and wait for their outputs.
+        """Queue validated inputs (call order) and wait for their outputs."""
+        return await self.enqueue(inputs, priority=priority, timeout_s=timeout_s, deadline=deadline)
+
+    def enqueue(
+        self,
+        inputs: list[torch.Tensor],
+        *,
+        priority: int = 0,
+        timeout_s: float | None = None,
+        deadline: float | None = None,
+    ) -> asyncio.Future[RunResult]:
+        """Queue validated inputs (call order); the future resolves with their outputs.
 
         `deadline` is absolute on this scheduler's clock (from the gRPC deadline);
         `timeout_s` (or the model's default timeout) can only shorten it.
+        Cancelling the future withdraws a request that has not started running.
+        Raises at once (nothing queued) when the request cannot be accepted.
         """
         if self._closing:
             raise Unavailable(f"model {self.name!r} is shutting down")
@@ -242,64 +244,72 @@ class ModelScheduler:
                 f"{self.config.row_limit} per request"
             )
         if rows > self.config.max_batch_size:
-            return await self._submit_split(inputs, rows, priority, deadline)
-        return await self._submit_one(inputs, rows, priority, deadline)
+            step = self.config.max_batch_size
+            if self._queued + -(-rows // step) > self.config.max_queue_size:
+                raise Overloaded(
+                    f"model {self.name!r}: queue full ({self.config.max_queue_size} requests waiting)"
+                )
+            parts = [
+                self._enqueue_one(
+                    [t[start : start + step] for t in inputs],
+                    min(step, rows - start),
+                    priority,
+                    deadline,
+                    now,
+                )
+                for start in range(0, rows, step)
+            ]
+            return asyncio.ensure_future(self._reassemble(parts))
+        return self._enqueue_one(inputs, rows, priority, deadline, now)
 
-    async def _submit_split(
-        self, inputs: list[torch.Tensor], rows: int, priority: int, deadline: float | None
-    ) -> RunResult:
-        step = self.config.max_batch_size
-        parts = [
-            self._submit_one(
-                [t[start : start + step] for t in inputs], min(step, rows - start), priority, deadline
-            )
-            for start in range(0, rows, step)
-        ]
-        tasks = [asyncio.ensure_future(p) for p in parts]
+    @staticmethod
+    async def _reassemble(parts: list[asyncio.Future[RunResult]]) -> RunResult:
         try:
-            results = await asyncio.gather(*tasks)
+            results = await asyncio.gather(*parts)
         except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for part in parts:
+                part.cancel()
             raise
         outputs = [torch.cat(chunk) for chunk in zip(*(r.outputs for r in results), strict=True)]
         return RunResult(outputs, max(r.constants_version for r in results))
 
-    async def _submit_one(
-        self, inputs: list[torch.Tensor], rows: int, priority: int, deadline: float | None
-    ) -> RunResult:
+    def _enqueue_one(
+        self, inputs: list[torch.Tensor], rows: int, priority: int, deadline: float | None, now: float
+    ) -> asyncio.Future[RunResult]:
         if self._queued >= self.config.max_queue_size:
             raise Overloaded(
                 f"model {self.name!r}: queue full ({self.config.max_queue_size} requests waiting)"
             )
-        now = self._clock()
         if deadline is not None and deadline <= now:
             raise Expired(f"model {self.name!r}: deadline passed before the request was queued")
         bucket = tuple((tuple(t.shape[1:]) if self.batched else tuple(t.shape), t.dtype) for t in inputs)
-        future: asyncio.Future[RunResult] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[RunResult] = loop.create_future()
         req = PendingRequest(inputs, rows, bucket, priority, deadline, future, now)
         self._queues[priority].append(req)
         self._queued += 1
-        self._wakeup.set()
-        try:
-            if deadline is None:
-                return await asyncio.shield(future)
-            try:
-                return await asyncio.wait_for(asyncio.shield(future), deadline - now)
-            except TimeoutError:
-                self._withdraw(req, Expired(f"model {self.name!r}: deadline exceeded while queued"))
-                if req.state is _State.RUNNING:
-                    # Already executing: the caller's deadline has passed, so the
-                    # answer is dropped; the batch still completes for the others.
-                    _resolve(req, Expired(f"model {self.name!r}: deadline exceeded while running"))
-                return await future
-        except asyncio.CancelledError:
+        timer = None if deadline is None else loop.call_later(deadline - now, self._expire, req)
+        future.add_done_callback(functools.partial(self._settled, req, timer))
+        self._pump()
+        return future
+
+    def _settled(
+        self, req: PendingRequest, timer: asyncio.TimerHandle | None, future: asyncio.Future[RunResult]
+    ) -> None:
+        if timer is not None:
+            timer.cancel()
+        if future.cancelled():
+            # The caller went away (cancelled RPC, closed stream): a queued request
+            # is withdrawn and never runs; a running one finishes for its batch.
             self._withdraw(req, None)
-            # If it is already running, nobody will read the result: consume it so
-            # a failure is not reported as "exception never retrieved".
-            future.add_done_callback(_consume)
-            raise
+
+    def _expire(self, req: PendingRequest) -> None:
+        if req.state is _State.QUEUED:
+            self._withdraw(req, Expired(f"model {self.name!r}: deadline exceeded while queued"))
+        elif req.state is _State.RUNNING:
+            # The caller's deadline has passed, so its answer is dropped; the batch
+            # still completes for the others.
+            _resolve(req, Expired(f"model {self.name!r}: deadline exceeded while running"))
 
     def _withdraw(self, req: PendingRequest, error: BaseException | None) -> None:
         """Take a queued request out of consideration (lazily: the dispatcher skips it)."""
@@ -313,18 +323,16 @@ class ModelScheduler:
             req.future.cancel()
 
     # -------------------------------------------------------------- dispatch
-    async def _dispatch_loop(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while not self._paused:
-                slot = self._idle_slot()
-                if slot is None:
-                    break
-                batch = self._take_batch()
-                if batch is None:
-                    break
-                self._launch(slot, batch)
+    def _pump(self) -> None:
+        """Start batches while a runner is idle and work is ready."""
+        while not self._paused:
+            slot = self._idle_slot()
+            if slot is None:
+                return
+            batch = self._take_batch()
+            if batch is None:
+                return
+            self._launch(slot, batch)
 
     def _idle_slot(self) -> RunnerSlot | None:
         free = [s for s in self._slots if s.in_flight < s.capacity]
@@ -389,56 +397,74 @@ class ModelScheduler:
     def _arm_timer(self, after: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(after, self._wakeup.set)
+        self._timer = asyncio.get_running_loop().call_later(after, self._pump)
 
     def _launch(self, slot: RunnerSlot, batch: list[PendingRequest]) -> None:
         slot.in_flight += 1
         self._in_flight += 1
         self._idle.clear()
-        task = asyncio.get_running_loop().create_task(self._run_batch(slot, batch))
-        self._batch_tasks.add(task)
-        task.add_done_callback(self._batch_tasks.discard)
-        task.add_done_callback(self._log_crash)
-
-    async def _run_batch(self, slot: RunnerSlot, batch: list[PendingRequest]) -> None:
-        loop = asyncio.get_running_loop()
         version = self.constants_version
+        self._workers.submit(
+            lambda: self._execute(slot.runner, batch),
+            lambda result, error: self._finish(slot, batch, version, result, error),
+        )
+
+    def _finish(
+        self,
+        slot: RunnerSlot,
+        batch: list[PendingRequest],
+        version: int,
+        results: list[list[torch.Tensor]] | None,
+        error: BaseException | None,
+    ) -> None:
+        """On the loop: answer a batch's requests, then free its runner."""
+        if error is not None and len(batch) > 1:
+            # One bad request must not fail its neighbours: run each alone. The
+            # runner stays taken until they are done.
+            task = asyncio.get_running_loop().create_task(self._retry_alone(slot, batch, version))
+            self._batch_tasks.add(task)
+            task.add_done_callback(self._batch_tasks.discard)
+            task.add_done_callback(self._log_crash)
+            return
         try:
-            try:
-                results = await loop.run_in_executor(self._executor, self._execute, slot.runner, batch)
+            if error is not None:
+                log.warning("model %r: run failed: %s", self.name, error)
+                _resolve(batch[0], ExecutionFailed(f"model {self.name!r}: run failed: {error}"))
+            else:
+                assert results is not None
                 for req, outputs in zip(batch, results, strict=True):
                     _resolve(req, RunResult(outputs, version))
-            except Exception as exc:
-                if len(batch) == 1:
-                    log.warning("model %r: run failed: %s", self.name, exc)
-                    _resolve(batch[0], ExecutionFailed(f"model {self.name!r}: run failed: {exc}"))
-                else:
-                    # One bad request must not fail its neighbours: run each alone.
-                    for req in batch:
-                        await self._run_alone(slot, req, version)
-            self.stats.batches += 1
-            self.stats.requests += len(batch)
-            rows = sum(r.rows for r in batch)
-            self.stats.rows += rows
-            self.stats.batch_sizes[rows] += 1
         finally:
-            for req in batch:
-                # The invariant: no future is left pending, or its caller hangs.
-                _resolve(req, ExecutionFailed(f"model {self.name!r}: batch ended without a result"))
-            slot.in_flight -= 1
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
-            self._wakeup.set()
+            self._release(slot, batch)
 
-    async def _run_alone(self, slot: RunnerSlot, req: PendingRequest, version: int) -> None:
-        loop = asyncio.get_running_loop()
+    async def _retry_alone(self, slot: RunnerSlot, batch: list[PendingRequest], version: int) -> None:
         try:
-            (outputs,) = await loop.run_in_executor(self._executor, self._execute, slot.runner, [req])
-            _resolve(req, RunResult(outputs, version))
-        except Exception as exc:
-            log.warning("model %r: run failed: %s", self.name, exc)
-            _resolve(req, ExecutionFailed(f"model {self.name!r}: run failed: {exc}"))
+            for req in batch:
+                try:
+                    (outputs,) = await self._workers.call(
+                        functools.partial(self._execute, slot.runner, [req])
+                    )
+                    _resolve(req, RunResult(outputs, version))
+                except Exception as exc:
+                    log.warning("model %r: run failed: %s", self.name, exc)
+                    _resolve(req, ExecutionFailed(f"model {self.name!r}: run failed: {exc}"))
+        finally:
+            self._release(slot, batch)
+
+    def _release(self, slot: RunnerSlot, batch: list[PendingRequest]) -> None:
+        for req in batch:
+            # The invariant: no future is left pending, or its caller hangs.
+            _resolve(req, ExecutionFailed(f"model {self.name!r}: batch ended without a result"))
+        self.stats.batches += 1
+        self.stats.requests += len(batch)
+        rows = sum(r.rows for r in batch)
+        self.stats.rows += rows
+        self.stats.batch_sizes[rows] += 1
+        slot.in_flight -= 1
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+        self._pump()
 
     def _execute(self, runner: Runner, batch: list[PendingRequest]) -> list[list[torch.Tensor]]:
         """Runs in an executor thread: concatenate, run, split."""
@@ -446,16 +472,22 @@ class ModelScheduler:
             inputs = batch[0].inputs
         else:
             inputs = [torch.cat(parts) for parts in zip(*(r.inputs for r in batch), strict=True)]
+        rows = [r.rows for r in batch]
+        total = sum(rows)
+        padded = total
+        if self.pad_to is not None and total < self.pad_to:
+            padded = self.pad_to
+            inputs = [torch.cat([t, t.new_zeros((padded - total, *t.shape[1:]))]) for t in inputs]
         outputs = runner.run(inputs)
         if not self.batched:
             return [outputs]
-        rows = [r.rows for r in batch]
-        total = sum(rows)
         for i, out in enumerate(outputs):
-            if out.dim() == 0 or out.shape[0] != total:
+            if out.dim() == 0 or out.shape[0] != padded:
                 raise ExecutionFailed(
-                    f"output {i} has shape {list(out.shape)}; expected {total} rows on dim 0"
+                    f"output {i} has shape {list(out.shape)}; expected {padded} rows on dim 0"
                 )
+        if padded != total:
+            outputs = [out[:total] for out in outputs]
         if len(batch) == 1:
             return [outputs]
         split = [torch.split(out, rows) for out in outputs]
@@ -472,13 +504,13 @@ class ModelScheduler:
             self._paused += 1
             try:
                 await self._idle.wait()
-                result = await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+                result = await self._workers.call(fn)
                 if bump_version:
                     self.constants_version += 1
                 return result
             finally:
                 self._paused -= 1
-                self._wakeup.set()
+                self._pump()
 
     def _log_crash(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:

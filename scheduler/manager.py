@@ -19,7 +19,7 @@ import torch
 from loader.errors import ExecutionFailed, InvalidInput, ModelExists, ModelNotFound, Unavailable
 from loader.package import CallSpec, LoadOptions, ModelPackage, load_metadata_from_package
 from loader.schema import ConstantSpec, ModelSchema
-from scheduler.batcher import BatchingConfig, ModelScheduler, RunnerSlot
+from scheduler.batcher import BatchingConfig, ModelScheduler, RunnerSlot, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,28 @@ class ModelConfig:
 class InferenceResult:
     outputs: dict[str, torch.Tensor]
     constants_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class PendingInference:
+    """A queued request: wait for `future`, then `result()` names its outputs."""
+
+    model: str
+    future: asyncio.Future[RunResult]
+    output_names: tuple[str, ...]
+    wanted: frozenset[str]
+
+    def result(self) -> InferenceResult:
+        """The named outputs; raises the request's error. Call once `future` is done."""
+        result = self.future.result()
+        if len(result.outputs) != len(self.output_names):
+            raise ExecutionFailed(
+                f"model {self.model!r} returned {len(result.outputs)} outputs, "
+                f"its schema names {len(self.output_names)}"
+            )
+        wanted = self.wanted or frozenset(self.output_names)
+        outputs = {n: t for n, t in zip(self.output_names, result.outputs, strict=True) if n in wanted}
+        return InferenceResult(outputs, result.constants_version)
 
 
 class _DeviceRunner:
@@ -134,7 +156,10 @@ class ModelManager:
                 )
                 for b, d in zip(bindings, config.device_indices, strict=True)
             ]
-            scheduler = ModelScheduler(config.name, slots, batching, batched=bindings[0].schema.batched)
+            schema = bindings[0].schema
+            scheduler = ModelScheduler(
+                config.name, slots, batching, batched=schema.batched, pad_to=schema.static_batch
+            )
             scheduler.start()
             model = LoadedModel(config, bindings, scheduler)
             self._models[config.name] = model
@@ -197,6 +222,32 @@ class ModelManager:
         return [self._models[n] for n in sorted(self._models)]
 
     # ------------------------------------------------------------ inference
+    def submit(
+        self,
+        name: str,
+        inputs: Mapping[str, torch.Tensor],
+        *,
+        priority: int = 0,
+        timeout_s: float | None = None,
+        deadline: float | None = None,
+        output_names: Sequence[str] = (),
+    ) -> PendingInference:
+        """Validate and queue a request without waiting (streams use this).
+
+        Raises at once for a request that cannot be accepted; cancelling the
+        returned future withdraws it if it has not started running.
+        """
+        model = self.get(name)
+        schema = model.schema
+        unknown = [n for n in output_names if n not in schema.output_names]
+        if unknown:
+            raise InvalidInput(
+                f"unknown output {unknown[0]!r}; model {name!r} has outputs: {', '.join(schema.output_names)}"
+            )
+        ordered = schema.validate(inputs, row_limit=model.scheduler.config.row_limit)
+        future = model.scheduler.enqueue(ordered, priority=priority, timeout_s=timeout_s, deadline=deadline)
+        return PendingInference(name, future, schema.output_names, frozenset(output_names))
+
     async def infer(
         self,
         name: str,
@@ -207,25 +258,11 @@ class ModelManager:
         deadline: float | None = None,
         output_names: Sequence[str] = (),
     ) -> InferenceResult:
-        model = self.get(name)
-        schema = model.schema
-        unknown = [n for n in output_names if n not in schema.output_names]
-        if unknown:
-            raise InvalidInput(
-                f"unknown output {unknown[0]!r}; model {name!r} has outputs: {', '.join(schema.output_names)}"
-            )
-        ordered = schema.validate(inputs)
-        result = await model.scheduler.submit(
-            ordered, priority=priority, timeout_s=timeout_s, deadline=deadline
+        pending = self.submit(
+            name, inputs, priority=priority, timeout_s=timeout_s, deadline=deadline, output_names=output_names
         )
-        names = schema.output_names
-        if len(result.outputs) != len(names):
-            raise ExecutionFailed(
-                f"model {name!r} returned {len(result.outputs)} outputs, schema has {len(names)}"
-            )
-        wanted = set(output_names) or set(names)
-        outputs = {n: t for n, t in zip(names, result.outputs, strict=True) if n in wanted}
-        return InferenceResult(outputs, result.constants_version)
+        await pending.future
+        return pending.result()
 
     # ------------------------------------------------------ loader methods
     def get_metadata(self, name: str) -> dict[str, str]:

@@ -77,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("-o", "--output", required=True, metavar="PATH.pt2")
     build.add_argument("--max-batch", type=int, default=1024, help="upper bound of the batch dim")
     build.add_argument("--no-batch", action="store_true", help="the model has no batch dimension")
+    build.add_argument(
+        "--static-batch",
+        type=int,
+        metavar="B",
+        help="compile at exactly B rows; the server pads smaller batches",
+    )
     build.add_argument("--output-names", help="comma-separated names of the outputs")
     build.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
     build.set_defaults(func=_build)
@@ -162,6 +168,7 @@ def _build(args: argparse.Namespace) -> int:
         args.output,
         batched=not args.no_batch,
         max_batch_size=args.max_batch,
+        static_batch=args.static_batch,
         output_names=args.output_names.split(",") if args.output_names else None,
         metadata=metadata,
     )

@@ -29,6 +29,9 @@ _TO_PB: dict[str, pb.DType] = {
     "bool": pb.BOOL,
 }
 _FROM_PB: dict[pb.DType, str] = {v: k for k, v in _TO_PB.items()}
+_ITEMSIZE: dict[str, int] = {
+    name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()
+}
 
 
 def dtype_to_pb(name: str | None) -> pb.DType:
@@ -45,9 +48,8 @@ def tensor_from_pb(msg: pb.Tensor, field: str) -> torch.Tensor:
     if any(d < 0 for d in shape):
         raise InvalidInput(f"{field}: negative dimension in shape {shape}")
     dtype = DTYPES[name]
-    itemsize = torch.empty((), dtype=dtype).element_size()
     numel = math.prod(shape)
-    expected = numel * itemsize
+    expected = numel * _ITEMSIZE[name]
     if len(msg.data) != expected:
         raise InvalidInput(
             f"{field}: data has {len(msg.data)} bytes, shape {shape} of {name} needs {expected}"
@@ -60,12 +62,14 @@ def tensor_from_pb(msg: pb.Tensor, field: str) -> torch.Tensor:
 
 
 def tensor_to_pb(tensor: torch.Tensor) -> pb.Tensor:
-    tensor = tensor.detach().cpu().contiguous()
     name = DTYPE_NAMES.get(tensor.dtype)
     if name is None:
         raise InvalidInput(f"dtype {tensor.dtype} cannot be sent")
-    data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-    return pb.Tensor(dtype=_TO_PB[name], shape=list(tensor.shape), data=data)
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: send its bits
+        tensor = tensor.view(torch.int16)
+    # numpy's tobytes writes row-major order whatever the strides.
+    return pb.Tensor(dtype=_TO_PB[name], shape=list(tensor.shape), data=tensor.numpy().tobytes())
 
 
 def tensors_from_pb(msgs: Mapping[str, pb.Tensor], field: str) -> dict[str, torch.Tensor]:

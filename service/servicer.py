@@ -8,6 +8,8 @@ stays open.
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +18,7 @@ from typing import Any
 import grpc
 
 from loader.errors import Pt2ServeError
-from scheduler.manager import InferenceResult, LoadedModel, ModelConfig, ModelManager
+from scheduler.manager import InferenceResult, LoadedModel, ModelConfig, ModelManager, PendingInference
 from service import convert
 from service.errors import status_of
 from service.health import ModelHealth
@@ -40,6 +42,13 @@ def model_status(model: LoadedModel) -> pb.ModelStatus:
         batching=convert.batching_to_pb(model.scheduler.config),
         constants_version=model.constants_version,
         runtime=config.runtime,
+        statistics=pb.ModelStatistics(
+            requests=model.scheduler.stats.requests,
+            batches=model.scheduler.stats.batches,
+            rows=model.scheduler.stats.rows,
+            queue_depth=model.scheduler.queue_depth,
+            batches_in_flight=model.scheduler.batches_in_flight,
+        ),
     )
 
 
@@ -137,10 +146,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, manager: ModelManager) -> None:
         self._manager = manager
 
-    async def _infer(self, request: pb.RunRequest, context: Context) -> pb.RunResponse:
+    def _submit(self, request: pb.RunRequest, context: Context) -> PendingInference:
         inputs = convert.tensors_from_pb(request.inputs, "inputs")
         remaining = context.time_remaining()
-        result = await self._manager.infer(
+        return self._manager.submit(
             request.model,
             inputs,
             priority=request.priority,
@@ -148,51 +157,112 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             deadline=None if remaining is None else time.monotonic() + remaining,
             output_names=list(request.output_names),
         )
-        return _response(request, result)
 
     async def Run(self, request: pb.RunRequest, context: Context) -> pb.RunResponse:
-        return await self._infer(request, context)
+        pending = self._submit(request, context)
+        await pending.future
+        return _response(request, pending.result())
 
     async def RunStream(
         self, request_iterator: AsyncIterator[pb.RunRequest], context: Context
     ) -> AsyncIterator[pb.RunStreamResponse]:
-        """Requests run concurrently; each answer is sent as soon as it is ready."""
-        answers: asyncio.Queue[pb.RunStreamResponse | None] = asyncio.Queue()
-        pending: set[asyncio.Task[None]] = set()
+        """Requests run concurrently; each answer is sent as soon as it is ready, or
+        in request order when the call carries the metadata `pt2serve-ordered: true`."""
+        answers = _StreamAnswers(_metadata_flag(context, ORDERED_METADATA_KEY))
+        pending: set[asyncio.Future[Any]] = set()
 
-        async def answer(request: pb.RunRequest) -> None:
+        def answer(request: pb.RunRequest, outcome: PendingInference | Exception, slot: _Slot) -> None:
             try:
-                response = await self._infer(request, context)
-                answers.put_nowait(pb.RunStreamResponse(request_id=request.request_id, response=response))
+                if isinstance(outcome, Exception):
+                    raise outcome
+                response = _response(request, outcome.result())
+                answers.fill(slot, pb.RunStreamResponse(request_id=request.request_id, response=response))
+                return
             except Pt2ServeError as exc:
                 error = pb.Error(code=status_of(exc).value[0], message=str(exc))
-                answers.put_nowait(pb.RunStreamResponse(request_id=request.request_id, error=error))
             except Exception as exc:
                 log.exception("stream request %r failed", request.request_id)
                 error = pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message=f"internal error: {exc}")
-                answers.put_nowait(pb.RunStreamResponse(request_id=request.request_id, error=error))
+            answers.fill(slot, pb.RunStreamResponse(request_id=request.request_id, error=error))
+
+        def settled(
+            request: pb.RunRequest, submitted: PendingInference, slot: _Slot, future: asyncio.Future[Any]
+        ) -> None:
+            pending.discard(future)
+            if not future.cancelled():
+                answer(request, submitted, slot)
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    task = asyncio.create_task(answer(request))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
+                    slot = answers.reserve()
+                    try:
+                        submitted = self._submit(request, context)
+                    except Exception as exc:
+                        answer(request, exc, slot)
+                        continue
+                    pending.add(submitted.future)
+                    submitted.future.add_done_callback(functools.partial(settled, request, submitted, slot))
                 if pending:
-                    await asyncio.gather(*list(pending))
+                    await asyncio.wait(list(pending))
             finally:
-                answers.put_nowait(None)
+                answers.close()
 
         reader = asyncio.create_task(read())
         try:
-            while (item := await answers.get()) is not None:
+            while (item := await answers.queue.get()) is not None:
                 yield item
             await reader
         finally:
             # The client went away or the call was cancelled: withdraw its queued work.
-            for task in (reader, *pending):
-                task.cancel()
-            await asyncio.gather(reader, *pending, return_exceptions=True)
+            reader.cancel()
+            for future in list(pending):
+                future.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+
+ORDERED_METADATA_KEY = "pt2serve-ordered"
+
+
+def _metadata_flag(context: Context, key: str) -> bool:
+    for name, value in context.invocation_metadata() or ():
+        if name == key:
+            text = value if isinstance(value, str) else value.decode()
+            return text.strip().lower() in ("1", "true", "yes")
+    return False
+
+
+class _Slot:
+    __slots__ = ("response",)
+
+    def __init__(self) -> None:
+        self.response: pb.RunStreamResponse | None = None
+
+
+class _StreamAnswers:
+    """A stream's responses: sent as they complete, or held back to request order."""
+
+    def __init__(self, ordered: bool) -> None:
+        self.queue: asyncio.Queue[pb.RunStreamResponse | None] = asyncio.Queue()
+        self._ordered = ordered
+        self._waiting: collections.deque[_Slot] = collections.deque()
+
+    def reserve(self) -> _Slot:
+        slot = _Slot()
+        if self._ordered:
+            self._waiting.append(slot)
+        return slot
+
+    def fill(self, slot: _Slot, response: pb.RunStreamResponse) -> None:
+        if not self._ordered:
+            self.queue.put_nowait(response)
+            return
+        slot.response = response
+        while self._waiting and self._waiting[0].response is not None:
+            self.queue.put_nowait(self._waiting.popleft().response)
+
+    def close(self) -> None:
+        self.queue.put_nowait(None)
 
 
 def _response(request: pb.RunRequest, result: InferenceResult) -> pb.RunResponse:

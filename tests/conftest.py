@@ -36,6 +36,7 @@ class Packages:
     two_input: pathlib.Path
     unbatched: pathlib.Path
     foreign: pathlib.Path
+    static: pathlib.Path
 
 
 def _build_two_input(path: pathlib.Path) -> None:
@@ -79,6 +80,13 @@ def _build_foreign(path: pathlib.Path) -> None:
     torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
 
 
+def _build_static(path: pathlib.Path) -> None:
+    """The demo MLP compiled at exactly 4 rows: the server pads smaller batches."""
+    from service.demo import demo_model
+
+    build_package(demo_model(), {"x": torch.randn(4, 16)}, path, static_batch=4, output_names=["logits"])
+
+
 @pytest.fixture(scope="session")
 def packages() -> Packages:
     return Packages(
@@ -86,6 +94,9 @@ def packages() -> Packages:
         two_input=cached_package(CACHE, "two_input", [MODELS_SOURCE], _build_two_input),
         unbatched=cached_package(CACHE, "unbatched", [MODELS_SOURCE], _build_unbatched),
         foreign=cached_package(CACHE, "foreign", [MODELS_SOURCE], _build_foreign),
+        static=cached_package(
+            CACHE, "static", [MODELS_SOURCE, inspect.getsource(_build_static)], _build_static
+        ),
     )
 
 

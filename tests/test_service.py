@@ -129,7 +129,7 @@ BAD_INPUTS = [
         "zero rows",
         run_request("demo", x=torch.randn(0, 16)),
         grpc.StatusCode.INVALID_ARGUMENT,
-        ["input 'x': dim 0 is 0, expected 1..256"],
+        ["input 'x': dim 0 is 0, expected 1..64"],
     ),
     (
         "missing input",
@@ -490,3 +490,18 @@ async def test_stage_then_swap_constants(running: Running) -> None:
     )
     status = (await running.loader.ListModels(pb.ListModelsRequest())).models[0]
     assert status.name == "demo" and status.constants_version == 1 and status.runtime == "native"
+
+
+async def test_ordered_stream_answers_in_request_order(running: Running) -> None:
+    # Mixed sizes finish out of order when batched; the ordered stream holds answers back.
+    xs = [torch.randn(1 + (7 * i) % 5, 16) for i in range(30)]
+
+    async def requests() -> AsyncIterator[pb.RunRequest]:
+        for i, x in enumerate(xs):
+            yield run_request("demo", f"r{i}", x=x)
+            if i == 10:
+                yield run_request("demo", "bad", x=torch.randn(1, 2))
+
+    call = running.inference.RunStream(requests(), metadata=(("pt2serve-ordered", "true"),))
+    ids = [r.request_id async for r in call]
+    assert ids == [f"r{i}" for i in range(11)] + ["bad"] + [f"r{i}" for i in range(11, 30)]

@@ -117,7 +117,7 @@ class LoadModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., package_path: _Optional[str] = ..., model_name: _Optional[str] = ..., run_single_threaded: _Optional[bool] = ..., num_runners: _Optional[int] = ..., device_indices: _Optional[_Iterable[int]] = ..., schema: _Optional[_Union[ModelSchema, _Mapping]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., runtime: _Optional[str] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "package_path", "model_name", "run_single_threaded", "num_runners", "device_indices", "schema", "batching", "constants_version", "runtime")
+    __slots__ = ("name", "package_path", "model_name", "run_single_threaded", "num_runners", "device_indices", "schema", "batching", "constants_version", "runtime", "statistics")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PACKAGE_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class ModelStatus(_message.Message):
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     CONSTANTS_VERSION_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    STATISTICS_FIELD_NUMBER: _ClassVar[int]
     name: str
     package_path: str
     model_name: str
@@ -138,7 +139,22 @@ class ModelStatus(_message.Message):
     batching: BatchingConfig
     constants_version: int
     runtime: str
-    def __init__(self, name: _Optional[str] = ..., package_path: _Optional[str] = ..., model_name: _Optional[str] = ..., run_single_threaded: _Optional[bool] = ..., num_runners: _Optional[int] = ..., device_indices: _Optional[_Iterable[int]] = ..., schema: _Optional[_Union[ModelSchema, _Mapping]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., constants_version: _Optional[int] = ..., runtime: _Optional[str] = ...) -> None: ...
+    statistics: ModelStatistics
+    def __init__(self, name: _Optional[str] = ..., package_path: _Optional[str] = ..., model_name: _Optional[str] = ..., run_single_threaded: _Optional[bool] = ..., num_runners: _Optional[int] = ..., device_indices: _Optional[_Iterable[int]] = ..., schema: _Optional[_Union[ModelSchema, _Mapping]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., constants_version: _Optional[int] = ..., runtime: _Optional[str] = ..., statistics: _Optional[_Union[ModelStatistics, _Mapping]] = ...) -> None: ...
+
+class ModelStatistics(_message.Message):
+    __slots__ = ("requests", "batches", "rows", "queue_depth", "batches_in_flight")
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    requests: int
+    batches: int
+    rows: int
+    queue_depth: int
+    batches_in_flight: int
+    def __init__(self, requests: _Optional[int] = ..., batches: _Optional[int] = ..., rows: _Optional[int] = ..., queue_depth: _Optional[int] = ..., batches_in_flight: _Optional[int] = ...) -> None: ...
 
 class LoadModelResponse(_message.Message):
     __slots__ = ("model",)

@@ -1,0 +1,77 @@
+"""The wall: a gRPC server of the same stack as pt2serve that does no model work.
+
+It decodes each request's tensors and answers with a zero tensor of the model's
+output shape, through the same interceptor and message-size options, so the
+difference to pt2serve is the scheduler and the model.
+
+    python -m bench.null_server --port 0 --output-width 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import torch
+
+from service import convert
+from service.config import DEFAULT_MAX_MESSAGE_BYTES
+from service.errors import DomainErrorInterceptor
+from service.pb import pt2serve_pb2 as pb
+from service.pb import pt2serve_pb2_grpc as pb_grpc
+
+
+class NullInference(pb_grpc.InferenceServicer):
+    def __init__(self, output_width: int) -> None:
+        self._width = output_width
+
+    def _answer(self, request: pb.RunRequest) -> pb.RunResponse:
+        inputs = convert.tensors_from_pb(request.inputs, "inputs")
+        rows = next(iter(inputs.values())).shape[0] if inputs else 1
+        output = convert.tensor_to_pb(torch.zeros(rows, self._width))
+        return pb.RunResponse(model=request.model, request_id=request.request_id, outputs={"output": output})
+
+    async def Run(self, request: pb.RunRequest, context: Any) -> pb.RunResponse:
+        return self._answer(request)
+
+    async def RunStream(
+        self, request_iterator: AsyncIterator[pb.RunRequest], context: Any
+    ) -> AsyncIterator[pb.RunStreamResponse]:
+        async for request in request_iterator:
+            yield pb.RunStreamResponse(request_id=request.request_id, response=self._answer(request))
+
+
+async def serve(port: int, output_width: int) -> None:
+    server = grpc.aio.server(
+        interceptors=[DomainErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        ],
+    )
+    pb_grpc.add_InferenceServicer_to_server(NullInference(output_width), server)  # type: ignore[no-untyped-call]
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print(f"null server listening on 127.0.0.1:{bound}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--output-width", type=int, required=True)
+    args = parser.parse_args()
+    asyncio.run(serve(args.port, args.output_width))
+
+
+if __name__ == "__main__":
+    main()

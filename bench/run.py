@@ -1,0 +1,433 @@
+"""pt2serve benchmark: closed-loop load against real servers, as ratios from one run.
+
+For each model (the tiny demo: overhead-bound; a feed-forward stack: compute-bound)
+it measures, at each concurrency, unary and streaming:
+
+- `null`: a server of the same gRPC stack that does no model work (the wall);
+- `pt2serve`: dynamic batching on;
+- `no-batching`: pt2serve with max_batch_size = 1;
+- `ceiling`: the model called in-process at full batch (no server at all).
+
+Every request carries one row. Results go to docs/benchmarks.md and a PNG plot.
+
+    python -m bench.run                      # full run (~6 minutes on 2 cores)
+    python -m bench.run --quick              # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+import torch
+
+from bench.models import WIDTH, make_ffn
+from loader.build import build_package, cached_package
+from loader.package import LoadOptions, ModelPackage
+from service import convert
+from service.demo import IN_FEATURES, OUT_FEATURES, demo_package
+from service.pb import pt2serve_pb2 as pb
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache" / "bench-packages"
+MAX_BATCH = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchModel:
+    name: str
+    path: pathlib.Path
+    in_width: int
+    out_width: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    model: str
+    server: str
+    mode: str
+    concurrency: int
+    throughput: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_batch: float | None
+
+
+def bench_models() -> list[BenchModel]:
+    source = (ROOT / "bench" / "models.py").read_text()
+
+    def build(path: pathlib.Path) -> None:
+        build_package(make_ffn(), {"x": torch.randn(2, WIDTH)}, path, max_batch_size=256)
+
+    ffn = cached_package(CACHE, "ffn", [source], build)
+    return [
+        BenchModel("demo", demo_package(CACHE), IN_FEATURES, OUT_FEATURES),
+        BenchModel("ffn", ffn, WIDTH, WIDTH),
+    ]
+
+
+# ------------------------------------------------------------------ servers
+@contextmanager
+def server_process(argv: list[str], ready: str, env: dict[str, str]) -> Iterator[str]:
+    """Start a server process; yield its target once `ready` appears in its log."""
+    with tempfile.NamedTemporaryFile("w+", suffix=".log") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        try:
+            deadline = time.monotonic() + 180
+            text = ""
+            while time.monotonic() < deadline and proc.poll() is None:
+                text = pathlib.Path(log.name).read_text()
+                if ready in text:
+                    break
+                time.sleep(0.1)
+            match = re.search(r"listening on (127\.0\.0\.1:\d+)", text)
+            if not match or ready not in text:
+                raise RuntimeError(f"server did not start:\n{text}")
+            yield match.group(1)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
+def pt2serve_argv(model: BenchModel, max_batch: int, runners: int, config_dir: str) -> list[str]:
+    config = pathlib.Path(config_dir) / f"{model.name}-{max_batch}.toml"
+    config.write_text(
+        f"""
+[server]
+grpc_port = 0
+metrics_port = 0
+
+[[models]]
+name = "{model.name}"
+path = "{model.path}"
+num_runners = {runners}
+
+[models.batching]
+max_batch_size = {max_batch}
+max_queue_size = 4096
+"""
+    )
+    return [sys.executable, "-m", "service.cli", "serve", "--config", str(config)]
+
+
+# ------------------------------------------------------------------ load
+def request_bytes(model: BenchModel, index: int) -> bytes:
+    x = torch.randn(1, model.in_width, generator=torch.Generator().manual_seed(index))
+    request = pb.RunRequest(model=model.name, inputs={"x": convert.tensor_to_pb(x)})
+    return request.SerializeToString()
+
+
+def model_counters(target: str, model: str) -> tuple[int, int] | None:
+    """(batches, rows) so far, or None for a server without statistics."""
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(
+            "/pt2serve.v1.ModelLoader/ListModels",
+            request_serializer=pb.ListModelsRequest.SerializeToString,
+            response_deserializer=pb.ListModelsResponse.FromString,
+        )
+        try:
+            response = call(pb.ListModelsRequest(), timeout=10)
+        except grpc.RpcError:
+            return None
+    for status in response.models:
+        if status.name == model:
+            return status.statistics.batches, status.statistics.rows
+    return None
+
+
+async def closed_loop(
+    target: str, mode: str, payloads: list[bytes], concurrency: int, warmup: float, duration: float
+) -> tuple[float, list[float]]:
+    """`concurrency` workers, each with one request in flight; (requests/s, latencies)."""
+    options = [("grpc.max_receive_message_length", 1 << 28), ("grpc.max_send_message_length", 1 << 28)]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        await channel.channel_ready()
+        loop = asyncio.get_running_loop()
+        start = loop.time() + warmup
+        end = start + duration
+        latencies: list[float] = []
+
+        async def unary(worker: int) -> None:
+            call = channel.unary_unary("/pt2serve.v1.Inference/Run", None, None)
+            i = worker
+            while (now := loop.time()) < end:
+                await call(payloads[i % len(payloads)])
+                done = loop.time()
+                if now >= start:
+                    latencies.append(done - now)
+                i += concurrency
+
+        async def stream(worker: int) -> None:
+            call = channel.stream_stream("/pt2serve.v1.Inference/RunStream", None, None)(None)
+            i = worker
+            while (now := loop.time()) < end:
+                await call.write(payloads[i % len(payloads)])
+                answer: bytes = await call.read()  # type: ignore[assignment]
+                done = loop.time()
+                if i < concurrency and b"\x1a" in answer[:8]:  # field 3 (error) up front
+                    raise RuntimeError(pb.RunStreamResponse.FromString(answer).error.message)
+                if now >= start:
+                    latencies.append(done - now)
+                i += concurrency
+            await call.done_writing()
+
+        worker = unary if mode == "unary" else stream
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return len(latencies) / duration, latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
+
+
+def measure(
+    model: BenchModel,
+    server: str,
+    target: str,
+    modes: list[str],
+    concurrencies: list[int],
+    warmup: float,
+    duration: float,
+) -> list[Sample]:
+    payloads = [request_bytes(model, i) for i in range(64)]
+    samples = []
+    for mode in modes:
+        for concurrency in concurrencies:
+            before = model_counters(target, model.name)
+            throughput, latencies = asyncio.run(
+                closed_loop(target, mode, payloads, concurrency, warmup, duration)
+            )
+            after = model_counters(target, model.name)
+            mean_batch = None
+            if before is not None and after is not None and after[0] > before[0]:
+                mean_batch = (after[1] - before[1]) / (after[0] - before[0])
+            sample = Sample(
+                model.name,
+                server,
+                mode,
+                concurrency,
+                throughput,
+                percentile(latencies, 0.5),
+                percentile(latencies, 0.9),
+                percentile(latencies, 0.99),
+                mean_batch,
+            )
+            print(
+                f"{model.name:5} {server:12} {mode:6} c={concurrency:<4} {throughput:8.0f} req/s  "
+                f"p50 {sample.p50_ms:6.2f} ms  p99 {sample.p99_ms:6.2f} ms  "
+                f"batch {'-' if mean_batch is None else f'{mean_batch:.1f}'}",
+                flush=True,
+            )
+            samples.append(sample)
+    return samples
+
+
+def ceiling(model: BenchModel, runners: int, duration: float) -> float:
+    """Rows/s with the model called in-process at full batch from `runners` threads."""
+    package = ModelPackage.load(str(model.path), LoadOptions(num_runners=runners))
+    x = torch.randn(MAX_BATCH, model.in_width)
+    package.run([x.clone()])
+    counts = [0] * runners
+    stop = time.perf_counter() + duration
+
+    def work(slot: int) -> None:
+        while time.perf_counter() < stop:
+            package.run([x.clone()])
+            counts[slot] += 1
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(runners)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    package.close()
+    return sum(counts) * MAX_BATCH / elapsed
+
+
+# ------------------------------------------------------------------ report
+def write_report(
+    samples: list[Sample], ceilings: dict[str, float], args: argparse.Namespace, out: pathlib.Path
+) -> list[str]:
+    def find(model: str, server: str, mode: str, concurrency: int) -> Sample | None:
+        for s in samples:
+            if (s.model, s.server, s.mode, s.concurrency) == (model, server, mode, concurrency):
+                return s
+        return None
+
+    verdicts = []
+
+    def ratio(label: str, num: Sample | None, den: Sample | None, target: float) -> None:
+        if num is None or den is None:
+            return
+        value = num.throughput / den.throughput
+        verdicts.append(
+            f"| {label} | {value:.2f}× | ≥ {target}× | {'met' if value >= target else 'missed'} |"
+        )
+
+    mode = args.target_mode
+    for model in ("ffn", "demo"):
+        null64 = find(model, "null", mode, 64)
+        ratio(
+            f"{model}: pt2serve / null at 64 in flight",
+            find(model, "pt2serve", mode, 64),
+            null64,
+            0.7 if model == "ffn" else 0.8,
+        )
+        if model == "ffn":
+            ratio(
+                f"{model}: pt2serve / no-batching at 64 in flight",
+                find(model, "pt2serve", mode, 64),
+                find(model, "no-batching", mode, 64),
+                4.0,
+            )
+    for model in ("demo", "ffn"):
+        a, b = find(model, "pt2serve", mode, 1), find(model, "null", mode, 1)
+        if a and b:
+            delta = a.p50_ms - b.p50_ms
+            verdicts.append(
+                f"| {model}: p50 at concurrency 1, pt2serve − null | {delta:+.2f} ms | ≤ 0.3 ms | "
+                f"{'met' if delta <= 0.3 else 'missed'} |"
+            )
+
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `python -m bench.run` (see its docstring). Closed-loop load: each of",
+        "`concurrency` client workers keeps one single-row request in flight. Client and server",
+        "share the machine, so only ratios from one run are meaningful.",
+        "",
+        f"- Machine: {os.cpu_count()} CPUs; torch {torch.__version__}; "
+        f"ISA {torch.backends.cpu.get_cpu_capability()}",
+        f"- pt2serve: max_batch_size {MAX_BATCH}, num_runners {args.runners}, "
+        f"OMP_NUM_THREADS={args.omp_threads or 'unset'}; "
+        f"{args.warmup:.0f} s warm-up, {args.duration:.0f} s measured per point",
+        "- Models: `demo` (16→32→4 MLP, overhead-bound); `ffn` (two 512→2048→512 feed-forward "
+        "blocks, 17 MB of weights, compute-bound)",
+        "",
+        "## Targets (ratios from this run, " + mode + ")",
+        "",
+        "| what | measured | target | |",
+        "| --- | --- | --- | --- |",
+        *verdicts,
+        "",
+        "## In-process ceiling (model called directly at full batch, no server)",
+        "",
+        "| model | rows/s |",
+        "| --- | --- |",
+        *(f"| {m} | {v:,.0f} |" for m, v in ceilings.items()),
+        "",
+        "## All points",
+        "",
+        "| model | server | mode | concurrency | req/s | p50 ms | p90 ms | p99 ms | mean batch |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in samples:
+        batch = "" if s.mean_batch is None else f"{s.mean_batch:.1f}"
+        lines.append(
+            f"| {s.model} | {s.server} | {s.mode} | {s.concurrency} | {s.throughput:,.0f} | "
+            f"{s.p50_ms:.2f} | {s.p90_ms:.2f} | {s.p99_ms:.2f} | {batch} |"
+        )
+    lines += ["", "![throughput by concurrency](benchmarks.png)", ""]
+    out.write_text("\n".join(lines))
+    plot(samples, ceilings, out.with_suffix(".png"))
+    return verdicts
+
+
+def plot(samples: list[Sample], ceilings: dict[str, float], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({s.model for s in samples})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        for server in ("null", "pt2serve", "no-batching"):
+            for mode, style in (("unary", "-"), ("stream", "--")):
+                points = sorted(
+                    (s.concurrency, s.throughput)
+                    for s in samples
+                    if (s.model, s.server, s.mode) == (model, server, mode)
+                )
+                if points:
+                    xs, ys = zip(*points, strict=True)
+                    ax.plot(xs, ys, style, marker="o", label=f"{server} ({mode})")
+        if model in ceilings:
+            ax.axhline(ceilings[model], color="grey", linestyle=":", label="in-process ceiling (rows/s)")
+        ax.set_xscale("log", base=2)
+        ax.set_title(model)
+        ax.set_xlabel("requests in flight")
+        ax.set_ylabel("requests/s (1 row each)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ main
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="short smoke run")
+    parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--concurrency", default="1,8,64,128")
+    parser.add_argument("--modes", default="unary,stream")
+    parser.add_argument("--models", default="demo,ffn")
+    parser.add_argument("--runners", type=int, default=2)
+    parser.add_argument("--omp-threads", type=int, default=1, help="OMP_NUM_THREADS for servers (0: unset)")
+    parser.add_argument("--target-mode", default="stream", choices=["unary", "stream"])
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    args = parser.parse_args()
+    if args.quick:
+        args.duration, args.warmup, args.concurrency = 1.0, 0.3, "1,64"
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    modes = args.modes.split(",")
+    env = dict(os.environ)
+    if args.omp_threads:
+        env["OMP_NUM_THREADS"] = str(args.omp_threads)
+    wanted = set(args.models.split(","))
+    samples: list[Sample] = []
+    ceilings: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as config_dir:
+        for model in (m for m in bench_models() if m.name in wanted):
+            ceilings[model.name] = ceiling(model, args.runners, min(args.duration, 3.0))
+            print(f"{model.name}: in-process ceiling {ceilings[model.name]:,.0f} rows/s", flush=True)
+            servers: list[tuple[str, list[str], str]] = [
+                (
+                    "null",
+                    [sys.executable, "-m", "bench.null_server", "--output-width", str(model.out_width)],
+                    "null server listening",
+                ),
+                ("pt2serve", pt2serve_argv(model, MAX_BATCH, args.runners, config_dir), "ready:"),
+                ("no-batching", pt2serve_argv(model, 1, args.runners, config_dir), "ready:"),
+            ]
+            for server, argv, ready in servers:
+                with server_process(argv, ready, env) as target:
+                    samples += measure(
+                        model, server, target, modes, concurrencies, args.warmup, args.duration
+                    )
+    verdicts = write_report(samples, ceilings, args, pathlib.Path(args.out))
+    print("\n".join(verdicts))
+
+
+if __name__ == "__main__":
+    main()
