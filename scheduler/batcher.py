@@ -28,6 +28,7 @@ from typing import Protocol, TypeVar
 import torch
 
 from loader.errors import ExecutionFailed, Expired, InvalidInput, Overloaded, Unavailable
+from scheduler.telemetry import NoTelemetry, Telemetry
 from scheduler.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class ModelScheduler:
         batched: bool,
         pad_to: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        telemetry: Telemetry | None = None,
     ) -> None:
         if not slots:
             raise ValueError("a scheduler needs at least one runner slot")
@@ -148,6 +150,7 @@ class ModelScheduler:
         self.batched = batched
         # A package compiled at a static batch size runs every batch at that size.
         self.pad_to = pad_to
+        self._telemetry: Telemetry = telemetry or NoTelemetry()
         self.constants_version = 0
         self.stats = _Stats()
         self._slots = list(slots)
@@ -404,10 +407,23 @@ class ModelScheduler:
         self._in_flight += 1
         self._idle.clear()
         version = self.constants_version
-        self._workers.submit(
-            lambda: self._execute(slot.runner, batch),
-            lambda result, error: self._finish(slot, batch, version, result, error),
-        )
+        now = self._clock()
+        waits = [now - r.enqueued_at for r in batch]
+        compute = [0.0]
+
+        def job() -> list[list[torch.Tensor]]:
+            started = time.perf_counter()
+            try:
+                return self._execute(slot.runner, batch)
+            finally:
+                compute[0] = time.perf_counter() - started
+
+        def done(results: list[list[torch.Tensor]] | None, error: BaseException | None) -> None:
+            rows = sum(r.rows for r in batch)
+            self._telemetry.batch_finished(self.name, slot.label, rows, waits, compute[0], error is None)
+            self._finish(slot, batch, version, results, error)
+
+        self._workers.submit(job, done)
 
     def _finish(
         self,

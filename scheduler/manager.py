@@ -9,17 +9,27 @@ spreads batches over all of them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from loader.errors import ExecutionFailed, InvalidInput, ModelExists, ModelNotFound, Unavailable
+from loader.errors import (
+    ErrorKind,
+    ExecutionFailed,
+    InvalidInput,
+    ModelExists,
+    ModelNotFound,
+    Pt2ServeError,
+    Unavailable,
+)
 from loader.package import CallSpec, LoadOptions, ModelPackage, load_metadata_from_package
 from loader.schema import ConstantSpec, ModelSchema
 from scheduler.batcher import BatchingConfig, ModelScheduler, RunnerSlot, RunResult
+from scheduler.telemetry import NoTelemetry, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +110,8 @@ class LoadedModel:
     bindings: list[ModelPackage]
     scheduler: ModelScheduler
     loaded_at: float = field(default_factory=time.time)
+    # Wall-clock time the served constants last changed (0: as compiled).
+    constants_updated_at: float = 0.0
 
     @property
     def schema(self) -> ModelSchema:
@@ -115,6 +127,7 @@ class LoadedModel:
 
 
 DEFAULT_MAX_BATCH = 64
+UNKNOWN_MODEL_LABEL = "_unknown"
 
 
 def fit_batching(schema: ModelSchema, given: BatchingConfig | None) -> BatchingConfig:
@@ -132,7 +145,8 @@ def fit_batching(schema: ModelSchema, given: BatchingConfig | None) -> BatchingC
 
 
 class ModelManager:
-    def __init__(self) -> None:
+    def __init__(self, telemetry: Telemetry | None = None) -> None:
+        self.telemetry: Telemetry = telemetry or NoTelemetry()
         self._models: dict[str, LoadedModel] = {}
         self._loading: set[str] = set()
         self._closing = False
@@ -144,21 +158,31 @@ class ModelManager:
         if config.name in self._models or config.name in self._loading:
             raise ModelExists(f"model {config.name!r} is already loaded")
         self._loading.add(config.name)
+        started = time.monotonic()
         try:
-            started = time.monotonic()
             bindings = await asyncio.to_thread(self._load_bindings, config)
-            batching = fit_batching(bindings[0].schema, config.batching)
+            try:
+                batching = fit_batching(bindings[0].schema, config.batching)
+            except BaseException:
+                for binding in bindings:
+                    binding.close()
+                raise
             slots = [
                 RunnerSlot(
                     _DeviceRunner(b),
                     1 if config.run_single_threaded else config.num_runners,
-                    label=f"device{d}",
+                    label=str(b.device),
                 )
-                for b, d in zip(bindings, config.device_indices, strict=True)
+                for b in bindings
             ]
             schema = bindings[0].schema
             scheduler = ModelScheduler(
-                config.name, slots, batching, batched=schema.batched, pad_to=schema.static_batch
+                config.name,
+                slots,
+                batching,
+                batched=schema.batched,
+                pad_to=schema.static_batch,
+                telemetry=self.telemetry,
             )
             scheduler.start()
             model = LoadedModel(config, bindings, scheduler)
@@ -173,7 +197,11 @@ class ModelManager:
                 batching.max_batch_size,
                 model.schema.source,
             )
+            self.telemetry.model_loaded(config.name, time.monotonic() - started, True)
             return model
+        except BaseException:
+            self.telemetry.model_loaded(config.name, time.monotonic() - started, False)
+            raise
         finally:
             self._loading.discard(config.name)
 
@@ -194,6 +222,7 @@ class ModelManager:
         model = self.get(name)
         del self._models[name]
         await self._close_model(model, grace_s)
+        self.telemetry.model_unloaded(name)
         log.info("unloaded model %r", name)
 
     @staticmethod
@@ -237,16 +266,46 @@ class ModelManager:
         Raises at once for a request that cannot be accepted; cancelling the
         returned future withdraws it if it has not started running.
         """
-        model = self.get(name)
-        schema = model.schema
-        unknown = [n for n in output_names if n not in schema.output_names]
-        if unknown:
-            raise InvalidInput(
-                f"unknown output {unknown[0]!r}; model {name!r} has outputs: {', '.join(schema.output_names)}"
+        started = time.monotonic()
+        try:
+            model = self.get(name)
+            schema = model.schema
+            unknown = [n for n in output_names if n not in schema.output_names]
+            if unknown:
+                raise InvalidInput(
+                    f"unknown output {unknown[0]!r}; model {name!r} has outputs: "
+                    f"{', '.join(schema.output_names)}"
+                )
+            ordered = schema.validate(inputs, row_limit=model.scheduler.config.row_limit)
+            future = model.scheduler.enqueue(
+                ordered, priority=priority, timeout_s=timeout_s, deadline=deadline
             )
-        ordered = schema.validate(inputs, row_limit=model.scheduler.config.row_limit)
-        future = model.scheduler.enqueue(ordered, priority=priority, timeout_s=timeout_s, deadline=deadline)
+        except Pt2ServeError as exc:
+            self.note_rejected(name, exc)
+            raise
+        future.add_done_callback(functools.partial(self._request_done, name, started))
         return PendingInference(name, future, schema.output_names, frozenset(output_names))
+
+    def note_rejected(self, name: str, error: Pt2ServeError) -> None:
+        """Count a request refused before it was queued (also by the wire layer)."""
+        self.telemetry.request_finished(self.metric_label(name), error.kind, 0.0)
+
+    def metric_label(self, name: str) -> str:
+        # Only loaded models get their own series: clients cannot mint labels.
+        return name if name in self._models else UNKNOWN_MODEL_LABEL
+
+    def _request_done(self, name: str, started: float, future: asyncio.Future[RunResult]) -> None:
+        elapsed = time.monotonic() - started
+        if future.cancelled():
+            self.telemetry.request_cancelled(name, elapsed)
+            return
+        error = future.exception()
+        kind = (
+            None
+            if error is None
+            else (error.kind if isinstance(error, Pt2ServeError) else ErrorKind.INTERNAL)
+        )
+        self.telemetry.request_finished(name, kind, elapsed)
 
     async def infer(
         self,
@@ -288,22 +347,24 @@ class ModelManager:
         user_managed: bool,
     ) -> int:
         """Update constants by FQN on every binding; returns the served version."""
-        model = self.get(name)
-        per_binding = self._per_binding(model, constants)
-        for package, tensors in per_binding:
-            package.validate_constants(tensors, by_fqn=True, full=check_full_update)
 
-        def apply() -> None:
-            for package, tensors in per_binding:
-                package.load_constants(
-                    tensors,
-                    use_inactive=use_inactive,
-                    check_full_update=check_full_update,
-                    user_managed=user_managed,
-                )
+        def apply(package: ModelPackage, tensors: dict[str, torch.Tensor]) -> None:
+            package.load_constants(
+                tensors,
+                use_inactive=use_inactive,
+                check_full_update=check_full_update,
+                user_managed=user_managed,
+            )
 
-        await model.scheduler.exclusive(apply, bump_version=not use_inactive)
-        return model.constants_version
+        return await self._update_constants(
+            name,
+            "load_constants",
+            constants,
+            apply,
+            by_fqn=True,
+            full=check_full_update,
+            serve=not use_inactive,
+        )
 
     async def update_constant_buffer(
         self,
@@ -315,22 +376,24 @@ class ModelManager:
         user_managed: bool,
     ) -> int:
         """Update constants by internal name on every binding; returns the served version."""
-        model = self.get(name)
-        per_binding = self._per_binding(model, tensors)
-        for package, moved in per_binding:
-            package.validate_constants(moved, by_fqn=False, full=validate_full_updates)
 
-        def apply() -> None:
-            for package, moved in per_binding:
-                package.update_constant_buffer(
-                    moved,
-                    use_inactive=use_inactive,
-                    validate_full_updates=validate_full_updates,
-                    user_managed=user_managed,
-                )
+        def apply(package: ModelPackage, moved: dict[str, torch.Tensor]) -> None:
+            package.update_constant_buffer(
+                moved,
+                use_inactive=use_inactive,
+                validate_full_updates=validate_full_updates,
+                user_managed=user_managed,
+            )
 
-        await model.scheduler.exclusive(apply, bump_version=not use_inactive)
-        return model.constants_version
+        return await self._update_constants(
+            name,
+            "update_constant_buffer",
+            tensors,
+            apply,
+            by_fqn=False,
+            full=validate_full_updates,
+            serve=not use_inactive,
+        )
 
     async def swap_constant_buffer(self, name: str) -> int:
         """Serve the staged constants on every binding at once; returns the new version."""
@@ -342,13 +405,52 @@ class ModelManager:
             for package in model.bindings:
                 package.swap_constant_buffer()
 
-        await model.scheduler.exclusive(swap, bump_version=True)
+        async def run() -> None:
+            await model.scheduler.exclusive(swap, bump_version=True)
+
+        await self._reported(model, "swap_constant_buffer", run, served=True)
         return model.constants_version
 
-    @staticmethod
-    def _per_binding(
-        model: LoadedModel, tensors: Mapping[str, torch.Tensor]
-    ) -> list[tuple[ModelPackage, dict[str, torch.Tensor]]]:
-        # Validation checks the device, so host tensors are first copied to each
-        # binding's device; everything is validated before anything is applied.
-        return [(b, {k: v.to(b.device) for k, v in tensors.items()}) for b in model.bindings]
+    async def _update_constants(
+        self,
+        name: str,
+        operation: str,
+        tensors: Mapping[str, torch.Tensor],
+        apply: Callable[[ModelPackage, dict[str, torch.Tensor]], None],
+        *,
+        by_fqn: bool,
+        full: bool,
+        serve: bool,
+    ) -> int:
+        model = self.get(name)
+
+        async def run() -> None:
+            # Host tensors are copied to each binding's device, and every binding
+            # is validated before any is touched: all of them change, or none.
+            per_binding = [(b, {k: v.to(b.device) for k, v in tensors.items()}) for b in model.bindings]
+            for package, moved in per_binding:
+                package.validate_constants(moved, by_fqn=by_fqn, full=full)
+
+            def apply_all() -> None:
+                for package, moved in per_binding:
+                    apply(package, moved)
+
+            await model.scheduler.exclusive(apply_all, bump_version=serve)
+
+        await self._reported(model, operation, run, served=serve)
+        return model.constants_version
+
+    async def _reported(
+        self, model: LoadedModel, operation: str, run: Callable[[], Awaitable[None]], *, served: bool
+    ) -> None:
+        started = time.monotonic()
+        ok = False
+        try:
+            await run()
+            ok = True
+            if served:
+                model.constants_updated_at = time.time()
+        finally:
+            self.telemetry.constants_updated(
+                model.config.name, operation, ok, time.monotonic() - started, model.constants_version
+            )

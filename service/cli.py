@@ -142,7 +142,10 @@ async def _run_server(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    metrics = start_metrics_server(config.host, config.metrics_port) if config.metrics_port else None
+    metrics = None
+    if config.metrics_port:
+        metrics = start_metrics_server(config.host, config.metrics_port, server.registry)
+        log.info("metrics on http://%s:%d/metrics", config.host, metrics.port)
     try:
         await server.start()
         log.info("ready: %d model(s): %s", len(config.models), ", ".join(m.name for m in config.models))

@@ -1,16 +1,339 @@
-"""The /metrics endpoint. For now it exports process and platform metrics."""
+"""Prometheus metrics: the `Telemetry` the scheduler reports to, a collector for
+live state, a gRPC interceptor for the standard gRPC server metrics, and the
+/metrics HTTP endpoint. Everything takes an explicit registry.
+
+The metric list, with meanings and example PromQL, is in docs/metrics.md.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, start_http_server
+import grpc
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from loader.errors import ErrorKind, Pt2ServeError
+from scheduler.manager import ModelManager
+from service.errors import status_of
+
+# Sub-millisecond buckets: queueing and overhead live there (the defaults start at 5 ms).
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def grpc_code_name(kind: ErrorKind | None) -> str:
+    return "OK" if kind is None else kind.name
+
+
+class Metrics:
+    """Implements scheduler.telemetry.Telemetry with Prometheus metrics."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.requests = Counter(
+            "pt2serve_inference_requests",
+            "Inference requests answered, by gRPC status code.",
+            ["model", "code"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "pt2serve_inference_request_duration_seconds",
+            "Time from accepting a request to its answer (queue + compute + split).",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "pt2serve_queue_duration_seconds",
+            "Time a request waited in the queue before its batch started.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute_seconds = Histogram(
+            "pt2serve_compute_duration_seconds",
+            "Time one batch took on a runner (concatenate, run, split).",
+            ["model", "device"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "pt2serve_batch_size_rows",
+            "Rows per executed batch.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batches = Counter(
+            "pt2serve_batches", "Batches executed, by outcome.", ["model", "device", "outcome"], registry=r
+        )
+        self.rows = Counter("pt2serve_inferred_rows", "Rows (samples) computed.", ["model"], registry=r)
+        self.cancelled = Counter(
+            "pt2serve_inference_cancelled_requests",
+            "Requests whose caller went away before the answer.",
+            ["model"],
+            registry=r,
+        )
+        self.model_loads = Counter(
+            "pt2serve_model_loads", "Model load attempts, by outcome.", ["model", "outcome"], registry=r
+        )
+        self.model_unloads = Counter("pt2serve_model_unloads", "Models unloaded.", ["model"], registry=r)
+        self.load_seconds = Histogram(
+            "pt2serve_model_load_duration_seconds",
+            "Time to load a model package.",
+            ["model"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.constant_updates = Counter(
+            "pt2serve_constant_updates",
+            "Constant (weight) operations, by operation and outcome.",
+            ["model", "operation", "outcome"],
+            registry=r,
+        )
+        self.constant_update_seconds = Histogram(
+            "pt2serve_constant_update_duration_seconds",
+            "Time a constant operation took, waiting for running batches included.",
+            ["model", "operation"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+
+    # Telemetry ------------------------------------------------------------
+    def batch_finished(
+        self,
+        model: str,
+        device: str,
+        rows: int,
+        queue_waits: Sequence[float],
+        compute_seconds: float,
+        ok: bool,
+    ) -> None:
+        queue = self.queue_seconds.labels(model)
+        for wait in queue_waits:
+            queue.observe(wait)
+        self.compute_seconds.labels(model, device).observe(compute_seconds)
+        self.batches.labels(model, device, "success" if ok else "failure").inc()
+        if ok:
+            self.batch_rows.labels(model).observe(rows)
+            self.rows.labels(model).inc(rows)
+
+    def request_finished(self, model: str, outcome: ErrorKind | None, seconds: float) -> None:
+        self.requests.labels(model, grpc_code_name(outcome)).inc()
+        if outcome is None:
+            self.request_seconds.labels(model).observe(seconds)
+
+    def request_cancelled(self, model: str, seconds: float) -> None:
+        self.cancelled.labels(model).inc()
+        self.requests.labels(model, "CANCELLED").inc()
+
+    def model_loaded(self, model: str, seconds: float, ok: bool) -> None:
+        self.model_loads.labels(model, "success" if ok else "failure").inc()
+        if ok:
+            self.load_seconds.labels(model).observe(seconds)
+
+    def model_unloaded(self, model: str) -> None:
+        self.model_unloads.labels(model).inc()
+
+    def constants_updated(self, model: str, operation: str, ok: bool, seconds: float, version: int) -> None:
+        self.constant_updates.labels(model, operation, "success" if ok else "failure").inc()
+        self.constant_update_seconds.labels(model, operation).observe(seconds)
+
+
+class ModelStateCollector(Collector):
+    """Live per-model state, read at scrape time."""
+
+    def __init__(self, manager: ModelManager) -> None:
+        self._manager = manager
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        ready = GaugeMetricFamily(
+            "pt2serve_model_ready", "1 while the model is loaded and serving.", labels=["model"]
+        )
+        depth = GaugeMetricFamily(
+            "pt2serve_queue_depth", "Requests waiting in the model's queue.", labels=["model"]
+        )
+        capacity = GaugeMetricFamily(
+            "pt2serve_queue_capacity", "The model's max_queue_size.", labels=["model"]
+        )
+        in_flight = GaugeMetricFamily(
+            "pt2serve_batches_in_flight", "Batches computing right now.", labels=["model"]
+        )
+        runners = GaugeMetricFamily(
+            "pt2serve_runners", "Runners that can compute batches at once (all devices).", labels=["model"]
+        )
+        version = GaugeMetricFamily(
+            "pt2serve_constants_version", "Version of the constants being served.", labels=["model"]
+        )
+        updated = GaugeMetricFamily(
+            "pt2serve_constants_last_update_timestamp_seconds",
+            "Unix time the served constants last changed (0: as compiled).",
+            labels=["model"],
+        )
+        for model in self._manager.models():
+            name = model.config.name
+            scheduler = model.scheduler
+            ready.add_metric([name], 1.0)
+            depth.add_metric([name], scheduler.queue_depth)
+            capacity.add_metric([name], scheduler.config.max_queue_size)
+            in_flight.add_metric([name], scheduler.batches_in_flight)
+            runners.add_metric([name], model.effective_runners * len(model.bindings))
+            version.add_metric([name], model.constants_version)
+            updated.add_metric([name], model.constants_updated_at)
+        yield from (ready, depth, capacity, in_flight, runners, version, updated)
+
+
+class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """The standard gRPC server metrics (go-grpc-prometheus names and labels)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["grpc_type", "grpc_service", "grpc_method"]
+        self.started = Counter(
+            "grpc_server_started", "RPCs started on the server.", labels, registry=registry
+        )
+        self.handled = Counter(
+            "grpc_server_handled", "RPCs completed on the server.", [*labels, "grpc_code"], registry=registry
+        )
+        self.received = Counter(
+            "grpc_server_msg_received", "Stream messages received on the server.", labels, registry=registry
+        )
+        self.sent = Counter(
+            "grpc_server_msg_sent", "Stream messages sent by the server.", labels, registry=registry
+        )
+        self.seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Time from the start of an RPC to its status.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler: Any = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, _, method = handler_call_details.method.lstrip("/").partition("/")
+        if handler.unary_unary is not None:
+            kind, attr = "unary", "unary_unary"
+        elif handler.unary_stream is not None:
+            kind, attr = "server_stream", "unary_stream"
+        elif handler.stream_unary is not None:
+            kind, attr = "client_stream", "stream_unary"
+        else:
+            kind, attr = "bidi_stream", "stream_stream"
+        labels = (kind, service, method)
+        inner = getattr(handler, attr)
+        streaming_response = attr in ("unary_stream", "stream_stream")
+        streaming_request = attr in ("stream_unary", "stream_stream")
+        metrics = self
+
+        def finish(started: float, code: grpc.StatusCode) -> None:
+            metrics.handled.labels(*labels, code.name).inc()
+            metrics.seconds.labels(*labels).observe(time.perf_counter() - started)
+
+        def count_requests(request: Any) -> Any:
+            if not streaming_request:
+                metrics.received.labels(*labels).inc()
+                return request
+
+            async def counted() -> AsyncIterator[Any]:
+                async for item in request:
+                    metrics.received.labels(*labels).inc()
+                    yield item
+
+            return counted()
+
+        if streaming_response:
+
+            async def stream_behavior(request: Any, context: Any) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                metrics.started.labels(*labels).inc()
+                try:
+                    async for item in inner(count_requests(request), context):
+                        metrics.sent.labels(*labels).inc()
+                        yield item
+                except BaseException as exc:
+                    finish(started, _status_of(exc, context))
+                    raise
+                finish(started, context.code() or grpc.StatusCode.OK)
+
+            return handler._replace(**{attr: stream_behavior})
+
+        async def unary_behavior(request: Any, context: Any) -> Any:
+            started = time.perf_counter()
+            metrics.started.labels(*labels).inc()
+            try:
+                response = await inner(count_requests(request), context)
+            except BaseException as exc:
+                finish(started, _status_of(exc, context))
+                raise
+            metrics.sent.labels(*labels).inc()
+            finish(started, context.code() or grpc.StatusCode.OK)
+            return response
+
+        return handler._replace(**{attr: unary_behavior})
+
+
+def _status_of(exc: BaseException, context: Any) -> grpc.StatusCode:
+    if isinstance(exc, Pt2ServeError):
+        return status_of(exc)
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
+
+
+def new_registry(manager: ModelManager) -> tuple[CollectorRegistry, Metrics]:
+    """A registry with pt2serve's metrics, live model state, process and platform metrics."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    registry.register(ModelStateCollector(manager))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry, metrics
 
 
 class MetricsServer:
-    def __init__(self, server: WSGIServer, thread: threading.Thread, registry: CollectorRegistry) -> None:
-        self.registry = registry
+    def __init__(self, server: WSGIServer, thread: threading.Thread) -> None:
         self.port = server.server_port
         self._server = server
         self._thread = thread
@@ -21,10 +344,6 @@ class MetricsServer:
         self._thread.join()
 
 
-def start_metrics_server(host: str, port: int, registry: CollectorRegistry | None = None) -> MetricsServer:
-    if registry is None:
-        registry = CollectorRegistry()
-        ProcessCollector(registry=registry)
-        PlatformCollector(registry=registry)
+def start_metrics_server(host: str, port: int, registry: CollectorRegistry) -> MetricsServer:
     server, thread = start_http_server(port, addr=host, registry=registry)
-    return MetricsServer(server, thread, registry)
+    return MetricsServer(server, thread)

@@ -6,11 +6,13 @@ import logging
 
 import grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from scheduler.manager import ModelManager
 from service.config import ServerConfig
 from service.errors import DomainErrorInterceptor
 from service.health import SERVICES, ModelHealth
+from service.metrics import GrpcMetricsInterceptor, Metrics, ModelStateCollector, new_registry
 from service.pb import pt2serve_pb2_grpc as pb_grpc
 from service.servicer import InferenceServicer, ModelLoaderServicer
 
@@ -20,9 +22,17 @@ log = logging.getLogger(__name__)
 class Pt2Server:
     """Lifecycle: `await start()`, then `await stop()` (drains queued work)."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self.manager = ModelManager()
+        if registry is None:
+            registry, metrics = new_registry(self.manager)
+        else:
+            metrics = Metrics(registry)
+            registry.register(ModelStateCollector(self.manager))
+        self.registry = registry
+        self.manager.telemetry = metrics
+        self._grpc_metrics = GrpcMetricsInterceptor(registry)
         self.health = ModelHealth()
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -31,7 +41,7 @@ class Pt2Server:
         """Listen, then load the configured models; returns the bound gRPC port."""
         cfg = self.config
         server = grpc.aio.server(
-            interceptors=[DomainErrorInterceptor()],
+            interceptors=[self._grpc_metrics, DomainErrorInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),

@@ -147,7 +147,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._manager = manager
 
     def _submit(self, request: pb.RunRequest, context: Context) -> PendingInference:
-        inputs = convert.tensors_from_pb(request.inputs, "inputs")
+        try:
+            inputs = convert.tensors_from_pb(request.inputs, "inputs")
+        except Pt2ServeError as exc:
+            self._manager.note_rejected(request.model, exc)
+            raise
         remaining = context.time_remaining()
         return self._manager.submit(
             request.model,
