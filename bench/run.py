@@ -260,6 +260,28 @@ def ceiling(model: BenchModel, runners: int, duration: float) -> float:
     return sum(counts) * MAX_BATCH / elapsed
 
 
+def ceiling_in_subprocess(model: BenchModel, runners: int, duration: float, env: dict[str, str]) -> float:
+    """`ceiling` in a fresh process, so it runs with the servers' OpenMP settings."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--ceiling-of",
+            str(model.path),
+            str(model.in_width),
+            str(runners),
+            str(duration),
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 # ------------------------------------------------------------------ report
 def write_report(
     samples: list[Sample], ceilings: dict[str, float], args: argparse.Namespace, out: pathlib.Path
@@ -396,7 +418,15 @@ def main() -> None:
     parser.add_argument("--omp-threads", type=int, default=1, help="OMP_NUM_THREADS for servers (0: unset)")
     parser.add_argument("--target-mode", default="stream", choices=["unary", "stream"])
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument(
+        "--ceiling-of", nargs=4, metavar=("PATH", "WIDTH", "RUNNERS", "SECONDS"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
+    if args.ceiling_of:
+        path, width, runners, seconds = args.ceiling_of
+        model = BenchModel("ceiling", pathlib.Path(path), int(width), 0)
+        print(ceiling(model, int(runners), float(seconds)))
+        return
     if args.quick:
         args.duration, args.warmup, args.concurrency = 1.0, 0.3, "1,64"
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -409,7 +439,7 @@ def main() -> None:
     ceilings: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as config_dir:
         for model in (m for m in bench_models() if m.name in wanted):
-            ceilings[model.name] = ceiling(model, args.runners, min(args.duration, 3.0))
+            ceilings[model.name] = ceiling_in_subprocess(model, args.runners, min(args.duration, 3.0), env)
             print(f"{model.name}: in-process ceiling {ceilings[model.name]:,.0f} rows/s", flush=True)
             servers: list[tuple[str, list[str], str]] = [
                 (

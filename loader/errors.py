@@ -5,6 +5,7 @@ Pt2ServeError            every error pt2serve raises on purpose; `kind` says how
 ├── ModelExists          ALREADY_EXISTS: the name is taken
 ├── PackageError         FAILED_PRECONDITION / NOT_FOUND: a package that cannot be read or loaded
 ├── InvalidInput         INVALID_ARGUMENT: a request that does not match the schema
+├── AccessDenied         PERMISSION_DENIED: a path outside the model root
 ├── Unsupported          FAILED_PRECONDITION: the model cannot do this
 ├── Overloaded           RESOURCE_EXHAUSTED: the queue is full (scheduler)
 ├── Expired              DEADLINE_EXCEEDED: the deadline passed before execution (scheduler)
@@ -21,6 +22,7 @@ class ErrorKind(enum.Enum):
     NOT_FOUND = "not_found"
     ALREADY_EXISTS = "already_exists"
     INVALID_ARGUMENT = "invalid_argument"
+    PERMISSION_DENIED = "permission_denied"
     FAILED_PRECONDITION = "failed_precondition"
     RESOURCE_EXHAUSTED = "resource_exhausted"
     DEADLINE_EXCEEDED = "deadline_exceeded"
@@ -50,6 +52,10 @@ class PackageNotFound(PackageError):
 
 class InvalidInput(Pt2ServeError):
     kind = ErrorKind.INVALID_ARGUMENT
+
+
+class AccessDenied(Pt2ServeError):
+    kind = ErrorKind.PERMISSION_DENIED
 
 
 class Unsupported(Pt2ServeError):

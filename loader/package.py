@@ -247,6 +247,10 @@ class ModelPackage:
         self._native.swap_constant_buffer()
         self._staged.clear()
 
+    def discard_staged(self) -> None:
+        """Forget what was staged: a swap then needs every constant staged again."""
+        self._staged.clear()
+
     def check_swappable(self) -> None:
         if self._native is None:
             raise Unsupported("torch's loader binding has no swap; load the model with the native runtime")

@@ -12,7 +12,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -28,6 +28,7 @@ from loader.errors import (
 )
 from loader.package import CallSpec, LoadOptions, ModelPackage, load_metadata_from_package
 from loader.schema import ConstantSpec, ModelSchema
+from loader.weights import open_weights
 from scheduler.batcher import BatchingConfig, ModelScheduler, RunnerSlot, RunResult
 from scheduler.telemetry import NoTelemetry, Telemetry
 
@@ -112,6 +113,12 @@ class LoadedModel:
     loaded_at: float = field(default_factory=time.time)
     # Wall-clock time the served constants last changed (0: as compiled).
     constants_updated_at: float = 0.0
+    # The user's label for the served constants, and for those staged for a swap.
+    constants_label: str = ""
+    staged_label: str = ""
+    # One constant operation at a time per model: staging, updates and swaps must
+    # not interleave, or a swap could serve half of one upload.
+    constants_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def schema(self) -> ModelSchema:
@@ -337,6 +344,28 @@ class ModelManager:
     async def load_metadata_from_package(path: str, model_name: str) -> dict[str, str]:
         return await asyncio.to_thread(load_metadata_from_package, path, model_name)
 
+    def begin_constant_upload(
+        self,
+        name: str,
+        *,
+        by_fqn: bool,
+        use_inactive: bool,
+        full: bool,
+        user_managed: bool = False,
+        label: str = "",
+    ) -> ConstantUpload:
+        """Start an upload that receives constants one at a time (streams, files).
+
+        Staged uploads (`use_inactive`) copy each constant into the inactive buffer
+        as it arrives, without pausing inference, so the server holds at most one
+        incoming constant besides the two buffers. Served uploads collect the
+        constants and apply them all at once between batches.
+        """
+        operation = "load_constants" if by_fqn else "update_constant_buffer"
+        return ConstantUpload(
+            self, self.get(name), operation, by_fqn, use_inactive, full, user_managed, label
+        )
+
     async def load_constants(
         self,
         name: str,
@@ -344,27 +373,19 @@ class ModelManager:
         *,
         use_inactive: bool,
         check_full_update: bool,
-        user_managed: bool,
-    ) -> int:
-        """Update constants by FQN on every binding; returns the served version."""
-
-        def apply(package: ModelPackage, tensors: dict[str, torch.Tensor]) -> None:
-            package.load_constants(
-                tensors,
-                use_inactive=use_inactive,
-                check_full_update=check_full_update,
-                user_managed=user_managed,
-            )
-
-        return await self._update_constants(
+        user_managed: bool = False,
+        label: str = "",
+    ) -> ConstantUpdateResult:
+        """`load_constants` by FQN on every binding."""
+        upload = self.begin_constant_upload(
             name,
-            "load_constants",
-            constants,
-            apply,
             by_fqn=True,
+            use_inactive=use_inactive,
             full=check_full_update,
-            serve=not use_inactive,
+            user_managed=user_managed,
+            label=label,
         )
+        return await upload.run(constants)
 
     async def update_constant_buffer(
         self,
@@ -373,30 +394,46 @@ class ModelManager:
         *,
         use_inactive: bool,
         validate_full_updates: bool,
-        user_managed: bool,
-    ) -> int:
-        """Update constants by internal name on every binding; returns the served version."""
-
-        def apply(package: ModelPackage, moved: dict[str, torch.Tensor]) -> None:
-            package.update_constant_buffer(
-                moved,
-                use_inactive=use_inactive,
-                validate_full_updates=validate_full_updates,
-                user_managed=user_managed,
-            )
-
-        return await self._update_constants(
+        user_managed: bool = False,
+        label: str = "",
+    ) -> ConstantUpdateResult:
+        """`update_constant_buffer` by internal name on every binding."""
+        upload = self.begin_constant_upload(
             name,
-            "update_constant_buffer",
-            tensors,
-            apply,
             by_fqn=False,
+            use_inactive=use_inactive,
             full=validate_full_updates,
-            serve=not use_inactive,
+            user_managed=user_managed,
+            label=label,
         )
+        return await upload.run(tensors)
 
-    async def swap_constant_buffer(self, name: str) -> int:
-        """Serve the staged constants on every binding at once; returns the new version."""
+    async def load_constants_from_file(
+        self, name: str, path: str, *, use_inactive: bool, full: bool, swap: bool, label: str = ""
+    ) -> tuple[ConstantUpdateResult, list[str]]:
+        """load_constants from a weight file, one tensor at a time. Entries that are
+        not constants of the model (folded or absent) are skipped and listed."""
+        model = self.get(name)
+        constants = {s.fqn for s in model.bindings[0].constant_specs()}
+        upload = self.begin_constant_upload(
+            name, by_fqn=True, use_inactive=use_inactive, full=full, label=label
+        )
+        ignored: list[str] = []
+        async with upload:
+            with open_weights(path) as weights:
+                for key in await asyncio.to_thread(weights.keys):
+                    if key not in constants:
+                        ignored.append(key)
+                        continue
+                    await upload.add(key, await asyncio.to_thread(weights.get, key))
+            result = await upload.commit()
+        if swap:
+            swapped = await self.swap_constant_buffer(name)
+            result = ConstantUpdateResult(swapped.version, swapped.label, result.updated)
+        return result, sorted(ignored)
+
+    async def swap_constant_buffer(self, name: str) -> ConstantUpdateResult:
+        """Serve the staged constants on every binding at once."""
         model = self.get(name)
 
         def swap() -> None:
@@ -405,52 +442,148 @@ class ModelManager:
             for package in model.bindings:
                 package.swap_constant_buffer()
 
-        async def run() -> None:
-            await model.scheduler.exclusive(swap, bump_version=True)
-
-        await self._reported(model, "swap_constant_buffer", run, served=True)
-        return model.constants_version
-
-    async def _update_constants(
-        self,
-        name: str,
-        operation: str,
-        tensors: Mapping[str, torch.Tensor],
-        apply: Callable[[ModelPackage, dict[str, torch.Tensor]], None],
-        *,
-        by_fqn: bool,
-        full: bool,
-        serve: bool,
-    ) -> int:
-        model = self.get(name)
-
-        async def run() -> None:
-            # Host tensors are copied to each binding's device, and every binding
-            # is validated before any is touched: all of them change, or none.
-            per_binding = [(b, {k: v.to(b.device) for k, v in tensors.items()}) for b in model.bindings]
-            for package, moved in per_binding:
-                package.validate_constants(moved, by_fqn=by_fqn, full=full)
-
-            def apply_all() -> None:
-                for package, moved in per_binding:
-                    apply(package, moved)
-
-            await model.scheduler.exclusive(apply_all, bump_version=serve)
-
-        await self._reported(model, operation, run, served=serve)
-        return model.constants_version
-
-    async def _reported(
-        self, model: LoadedModel, operation: str, run: Callable[[], Awaitable[None]], *, served: bool
-    ) -> None:
         started = time.monotonic()
         ok = False
         try:
-            await run()
-            ok = True
-            if served:
+            async with model.constants_lock:
+                await model.scheduler.exclusive(swap, bump_version=True)
+                model.constants_label, model.staged_label = model.staged_label, ""
                 model.constants_updated_at = time.time()
+            ok = True
         finally:
             self.telemetry.constants_updated(
-                model.config.name, operation, ok, time.monotonic() - started, model.constants_version
+                name, "swap_constant_buffer", ok, time.monotonic() - started, model.constants_version
             )
+        return ConstantUpdateResult(model.constants_version, model.constants_label, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class ConstantUpdateResult:
+    version: int
+    label: str
+    updated: int
+
+
+class ConstantUpload:
+    """One constant operation, fed constant by constant. Use `run` for a whole dict,
+    or `async with upload:` around `add` calls followed by `commit`."""
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        model: LoadedModel,
+        operation: str,
+        by_fqn: bool,
+        use_inactive: bool,
+        full: bool,
+        user_managed: bool,
+        label: str,
+    ) -> None:
+        self._manager = manager
+        self._model = model
+        self._operation = operation
+        self._by_fqn = by_fqn
+        self._use_inactive = use_inactive
+        self._full = full
+        self._user_managed = user_managed
+        self._label = label
+        self._collected: dict[str, torch.Tensor] = {}
+        self._seen: set[str] = set()
+        self._started = time.monotonic()
+        self._locked = False
+        self._done = False
+
+    async def __aenter__(self) -> ConstantUpload:
+        await self._model.constants_lock.acquire()
+        self._locked = True
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        try:
+            if kind is not None:
+                self._fail()
+        finally:
+            self._model.constants_lock.release()
+            self._locked = False
+
+    async def run(self, tensors: Mapping[str, torch.Tensor]) -> ConstantUpdateResult:
+        async with self:
+            for key, tensor in tensors.items():
+                await self.add(key, tensor)
+            return await self.commit()
+
+    async def add(self, key: str, tensor: torch.Tensor) -> None:
+        """Validate one constant on every binding; stage it now, or keep it for commit."""
+        assert self._locked, "use `async with upload:`"
+        if key in self._seen:
+            raise InvalidInput(f"constant {key!r} given twice")
+        per_binding = self._on_each_device({key: tensor})
+        for package, moved in per_binding:
+            package.validate_constants(moved, by_fqn=self._by_fqn, full=False)
+        self._seen.add(key)
+        if not self._use_inactive:
+            self._collected[key] = tensor
+            return
+        # The inactive buffer is not read by running batches: no pause needed.
+        await asyncio.to_thread(self._apply, per_binding, True)
+
+    async def commit(self) -> ConstantUpdateResult:
+        assert self._locked, "use `async with upload:`"
+        model = self._model
+        if not self._seen:
+            raise InvalidInput("no constants given")
+        if self._full:
+            table = model.bindings[0].constant_specs()
+            keys = {s.fqn if self._by_fqn else s.internal_name for s in table}
+            missing = sorted(keys - self._seen)
+            if missing:
+                raise InvalidInput(f"full update requested but constant {missing[0]!r} is missing")
+        if self._use_inactive:
+            model.staged_label = self._label
+        else:
+            per_binding = self._on_each_device(self._collected)
+            for package, moved in per_binding:
+                package.validate_constants(moved, by_fqn=self._by_fqn, full=self._full)
+            await model.scheduler.exclusive(lambda: self._apply(per_binding, False), bump_version=True)
+            model.constants_label = self._label
+            model.constants_updated_at = time.time()
+            self._collected.clear()
+        self._report(True)
+        return ConstantUpdateResult(model.constants_version, model.constants_label, len(self._seen))
+
+    def _fail(self) -> None:
+        if self._use_inactive and self._seen:
+            # A partial stage must never be swapped in.
+            for package in self._model.bindings:
+                package.discard_staged()
+        self._report(False)
+
+    def _report(self, ok: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        model = self._model
+        self._manager.telemetry.constants_updated(
+            model.config.name, self._operation, ok, time.monotonic() - self._started, model.constants_version
+        )
+
+    def _on_each_device(
+        self, tensors: Mapping[str, torch.Tensor]
+    ) -> list[tuple[ModelPackage, dict[str, torch.Tensor]]]:
+        return [(b, {k: v.to(b.device) for k, v in tensors.items()}) for b in self._model.bindings]
+
+    def _apply(
+        self, per_binding: list[tuple[ModelPackage, dict[str, torch.Tensor]]], use_inactive: bool
+    ) -> None:
+        for package, moved in per_binding:
+            if self._by_fqn:
+                package.load_constants(
+                    moved, use_inactive=use_inactive, check_full_update=False, user_managed=self._user_managed
+                )
+            else:
+                package.update_constant_buffer(
+                    moved,
+                    use_inactive=use_inactive,
+                    validate_full_updates=False,
+                    user_managed=self._user_managed,
+                )

@@ -99,6 +99,31 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--timeout", type=float, default=30.0, help="seconds")
     infer.set_defaults(func=_infer)
 
+    constants = sub.add_parser("constants", help="list, load and swap a served model's constants (weights)")
+    constants_sub = constants.add_subparsers(dest="action", required=True)
+    for action, help_text in (
+        ("list", "FQN, internal name, dtype and shape of each constant"),
+        ("load", "load new weights from a .safetensors or torch.save state-dict file"),
+        ("swap", "serve the constants staged with --inactive"),
+    ):
+        p = constants_sub.add_parser(action, help=help_text)
+        p.add_argument("--target", default=f"127.0.0.1:{DEFAULT_GRPC_PORT}")
+        p.add_argument("--model", required=True)
+        if action == "load":
+            p.add_argument("--file", required=True, help="path on the server, under its model root")
+            p.add_argument(
+                "--upload", action="store_true", help="read --file here and stream it to the server instead"
+            )
+            p.add_argument(
+                "--swap", action="store_true", help="stage, then switch atomically between batches"
+            )
+            p.add_argument(
+                "--inactive", action="store_true", help="stage only; serve later with `constants swap`"
+            )
+            p.add_argument("--full", action="store_true", help="require every constant of the model")
+            p.add_argument("--label", default="", help="a name for these weights, reported with the version")
+    constants.set_defaults(func=_constants)
+
     inspect = sub.add_parser("inspect", help="show a package's metadata and schema without loading it")
     inspect.add_argument("path")
     inspect.add_argument("--model-name", default="model")
@@ -246,6 +271,59 @@ def _random_for(schema: ModelSchema, name: str, rows: int, generator: torch.Gene
     if schema.batched:
         shape[0] = rows
     return _random(shape, DTYPES[spec.dtype], generator)
+
+
+# ------------------------------------------------------------------ constants
+def _constants(args: argparse.Namespace) -> int:
+    from service.client import Pt2ServeClient
+    from service.pb import pt2serve_pb2 as pb
+
+    skipped: list[str] = []
+    with Pt2ServeClient(args.target) as client:
+        if args.action == "list":
+            listed = client.loader.GetConstantFqns(pb.GetConstantFqnsRequest(name=args.model))
+            for c in listed.constants:
+                print(f"{c.fqn} ({c.internal_name}): {pb.DType.Name(c.dtype).lower()}{list(c.shape)}")
+            return 0
+        if args.action == "swap":
+            response = client.swap_constants(args.model)
+        elif args.upload:
+            from loader.weights import open_weights
+
+            with open_weights(args.file) as weights:
+                tensors = {key: weights.get(key) for key in weights.keys()}
+            known = {
+                c.fqn
+                for c in client.loader.GetConstantFqns(pb.GetConstantFqnsRequest(name=args.model)).constants
+            }
+            skipped = sorted(set(tensors) - known)
+            response = client.load_constants(
+                args.model,
+                {k: v for k, v in tensors.items() if k in known},
+                use_inactive=args.inactive or args.swap,
+                check_full_update=args.full,
+                label=args.label,
+            )
+            if args.swap:
+                updated = response.updated
+                response = client.swap_constants(args.model)
+                response.updated = updated
+        else:
+            response = client.load_constants_from_file(
+                args.model,
+                args.file,
+                swap=args.swap,
+                use_inactive=args.inactive,
+                check_full_update=args.full,
+                label=args.label,
+            )
+    label = f" ({response.constants_label})" if response.constants_label else ""
+    version = f"{response.constants_version}{label}"
+    print(f"model {args.model}: {response.updated} constant(s) updated; serving version {version}")
+    ignored = sorted({*response.ignored, *skipped})
+    if ignored:
+        print(f"ignored (not constants of the model): {', '.join(ignored)}")
+    return 0
 
 
 # -------------------------------------------------------------------- inspect

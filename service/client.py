@@ -20,6 +20,8 @@ from service.pb import pt2serve_pb2 as pb
 from service.pb import pt2serve_pb2_grpc as pb_grpc
 
 ArrayLike = torch.Tensor | np.ndarray[Any, Any]
+# Well under gRPC's default 4 MB limit, so uploads work against any server settings.
+CHUNK_BYTES = 1 << 20
 
 
 def _tensor(value: ArrayLike) -> pb.Tensor:
@@ -79,6 +81,76 @@ class Pt2ServeClient:
 
     def unload_model(self, name: str) -> None:
         self.loader.UnloadModel(pb.UnloadModelRequest(name=name))
+
+    def load_constants(
+        self,
+        model: str,
+        constants: Mapping[str, ArrayLike],
+        *,
+        use_inactive: bool = False,
+        check_full_update: bool = False,
+        label: str = "",
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> pb.ConstantUpdateResponse:
+        """Upload constants by FQN, streamed in chunks of `chunk_bytes`: any size fits."""
+        response: pb.ConstantUpdateResponse = self.loader.LoadConstants(
+            constant_messages(
+                model,
+                constants,
+                use_inactive=use_inactive,
+                check_full_update=check_full_update,
+                label=label,
+                chunk_bytes=chunk_bytes,
+            )
+        )
+        return response
+
+    def swap_constants(self, model: str) -> pb.ConstantUpdateResponse:
+        response: pb.ConstantUpdateResponse = self.loader.SwapConstantBuffer(
+            pb.SwapConstantBufferRequest(name=model)
+        )
+        return response
+
+    def load_constants_from_file(
+        self,
+        model: str,
+        path: str,
+        *,
+        swap: bool = False,
+        use_inactive: bool = False,
+        check_full_update: bool = False,
+        label: str = "",
+    ) -> pb.ConstantUpdateResponse:
+        """Have the server read a weight file under its model root."""
+        request = pb.LoadConstantsFromFileRequest(
+            name=model,
+            path=path,
+            swap=swap,
+            use_inactive=use_inactive,
+            check_full_update=check_full_update,
+            label=label,
+        )
+        response: pb.ConstantUpdateResponse = self.loader.LoadConstantsFromFile(request)
+        return response
+
+
+def constant_messages(
+    model: str,
+    constants: Mapping[str, ArrayLike],
+    *,
+    use_inactive: bool,
+    check_full_update: bool,
+    label: str,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> Iterator[pb.LoadConstantsRequest]:
+    """The LoadConstants stream: flags first, then each constant in chunks, lazily."""
+    yield pb.LoadConstantsRequest(
+        name=model, use_inactive=use_inactive, check_full_update=check_full_update, label=label
+    )
+    for fqn, value in constants.items():
+        tensor = torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value
+        for chunk in convert.chunk_tensor(fqn, tensor, chunk_bytes):
+            yield pb.LoadConstantsRequest(name=model, chunks=[chunk])
 
 
 def decode_outputs(response: pb.RunResponse) -> dict[str, torch.Tensor]:

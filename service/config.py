@@ -8,7 +8,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from loader.errors import InvalidInput
+from loader.errors import AccessDenied, InvalidInput
 from loader.schema import ModelSchema
 from scheduler.batcher import BatchingConfig
 from scheduler.manager import ModelConfig
@@ -34,9 +34,21 @@ class ServerConfig:
     models: tuple[ModelConfig, ...] = field(default_factory=tuple)
 
     def resolve(self, path: str) -> str:
+        """A path the operator gave (flags, config): relative ones join model_root."""
         if not path:
             raise InvalidInput("package_path must not be empty")
         return str(pathlib.Path(self.model_root, os.path.expanduser(path)).resolve())
+
+    def confine(self, path: str, field: str = "package_path") -> str:
+        """A path a client gave (RPCs): resolved under model_root, symlinks followed;
+        anything that ends up outside the root is refused."""
+        if not path:
+            raise InvalidInput(f"{field} must not be empty")
+        root = pathlib.Path(self.model_root).resolve()
+        target = (root / path).resolve()
+        if target != root and root not in target.parents:
+            raise AccessDenied(f"{field} {path!r} is outside the server's model root")
+        return str(target)
 
 
 def parse_model_flag(value: str) -> tuple[str, str]:

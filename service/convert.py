@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
 import torch
 
 from loader.errors import InvalidInput
@@ -150,3 +152,59 @@ def constant_to_pb(spec: ConstantSpec) -> pb.ConstantInfo:
     return pb.ConstantInfo(
         fqn=spec.fqn, internal_name=spec.internal_name, dtype=dtype_to_pb(spec.dtype), shape=list(spec.shape)
     )
+
+
+class ChunkAssembler:
+    """Builds constants from `TensorChunk`s that arrive in order, one constant at a time
+    or interleaved; returns each constant once its last byte has arrived."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, tuple[pb.Tensor, torch.Tensor, np.ndarray[Any, Any], int]] = {}
+
+    def add(self, chunk: pb.TensorChunk) -> tuple[str, torch.Tensor] | None:
+        field = f"chunks[{chunk.fqn!r}]"
+        if not chunk.fqn:
+            raise InvalidInput("chunks: fqn is required")
+        state = self._open.get(chunk.fqn)
+        if state is None:
+            header = pb.Tensor(dtype=chunk.dtype, shape=chunk.shape)
+            name = _FROM_PB.get(chunk.dtype)
+            if name is None:
+                raise InvalidInput(f"{field}: dtype {chunk.dtype} is not supported")
+            if any(d < 0 for d in header.shape):
+                raise InvalidInput(f"{field}: negative dimension in shape {list(header.shape)}")
+            tensor = torch.empty(list(chunk.shape), dtype=DTYPES[name])
+            raw = tensor.reshape(-1).view(torch.uint8).numpy()
+            state = (header, tensor, raw, 0)
+        header, tensor, raw, received = state
+        if chunk.dtype != header.dtype or list(chunk.shape) != list(header.shape):
+            raise InvalidInput(f"{field}: dtype or shape differs from the constant's first chunk")
+        if chunk.offset != received:
+            raise InvalidInput(f"{field}: chunk at byte {chunk.offset}, expected the next at byte {received}")
+        end = received + len(chunk.data)
+        if end > raw.nbytes:
+            raise InvalidInput(f"{field}: {end} bytes sent, the constant has {raw.nbytes}")
+        raw[received:end] = np.frombuffer(chunk.data, dtype=np.uint8)
+        if end == raw.nbytes:
+            self._open.pop(chunk.fqn, None)
+            return chunk.fqn, tensor
+        self._open[chunk.fqn] = (header, tensor, raw, end)
+        return None
+
+    def finish(self) -> None:
+        """Raise if a constant is still missing bytes at the end of the stream."""
+        for fqn, (_, _, raw, received) in self._open.items():
+            raise InvalidInput(f"chunks[{fqn!r}]: stream ended after {received} of {raw.nbytes} bytes")
+
+
+def chunk_tensor(fqn: str, tensor: torch.Tensor, chunk_bytes: int) -> list[pb.TensorChunk]:
+    """Split one tensor into chunks of at most `chunk_bytes` data bytes."""
+    wire = tensor_to_pb(tensor)
+    data = wire.data
+    pieces = range(0, max(len(data), 1), chunk_bytes)
+    return [
+        pb.TensorChunk(
+            fqn=fqn, dtype=wire.dtype, shape=wire.shape, offset=start, data=data[start : start + chunk_bytes]
+        )
+        for start in pieces
+    ]

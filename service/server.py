@@ -48,7 +48,7 @@ class Pt2Server:
             ],
         )
         pb_grpc.add_ModelLoaderServicer_to_server(  # type: ignore[no-untyped-call]
-            ModelLoaderServicer(self.manager, self.health, cfg.resolve), server
+            ModelLoaderServicer(self.manager, self.health, cfg.confine), server
         )
         pb_grpc.add_InferenceServicer_to_server(  # type: ignore[no-untyped-call]
             InferenceServicer(self.manager), server

@@ -17,8 +17,15 @@ from typing import Any
 
 import grpc
 
-from loader.errors import Pt2ServeError
-from scheduler.manager import InferenceResult, LoadedModel, ModelConfig, ModelManager, PendingInference
+from loader.errors import InvalidInput, Pt2ServeError
+from scheduler.manager import (
+    ConstantUpdateResult,
+    InferenceResult,
+    LoadedModel,
+    ModelConfig,
+    ModelManager,
+    PendingInference,
+)
 from service import convert
 from service.errors import status_of
 from service.health import ModelHealth
@@ -42,6 +49,7 @@ def model_status(model: LoadedModel) -> pb.ModelStatus:
         batching=convert.batching_to_pb(model.scheduler.config),
         constants_version=model.constants_version,
         runtime=config.runtime,
+        constants_label=model.constants_label,
         statistics=pb.ModelStatistics(
             requests=model.scheduler.stats.requests,
             batches=model.scheduler.stats.batches,
@@ -102,36 +110,69 @@ class ModelLoaderServicer(pb_grpc.ModelLoaderServicer):
         return pb.GetConstantFqnsResponse(constants=[convert.constant_to_pb(s) for s in specs])
 
     async def LoadConstants(
-        self, request: pb.LoadConstantsRequest, context: Context
+        self, request_iterator: AsyncIterator[pb.LoadConstantsRequest], context: Context
     ) -> pb.ConstantUpdateResponse:
-        tensors = convert.tensors_from_pb(request.constants, "constants")
-        version = await self._manager.load_constants(
-            request.name,
-            tensors,
-            use_inactive=request.use_inactive,
-            check_full_update=request.check_full_update,
-            user_managed=request.user_managed,
+        messages = request_iterator.__aiter__()
+        try:
+            first = await messages.__anext__()
+        except StopAsyncIteration:
+            raise InvalidInput("LoadConstants: the stream carried no message") from None
+        upload = self._manager.begin_constant_upload(
+            first.name,
+            by_fqn=True,
+            use_inactive=first.use_inactive,
+            full=first.check_full_update,
+            user_managed=first.user_managed,
+            label=first.label,
         )
-        return pb.ConstantUpdateResponse(constants_version=version, updated=len(tensors))
+        assembler = convert.ChunkAssembler()
+        async with upload:
+            message = first
+            while True:
+                for fqn, tensor in convert.tensors_from_pb(message.constants, "constants").items():
+                    await upload.add(fqn, tensor)
+                for chunk in message.chunks:
+                    if (complete := assembler.add(chunk)) is not None:
+                        await upload.add(*complete)
+                try:
+                    message = await messages.__anext__()
+                except StopAsyncIteration:
+                    break
+            assembler.finish()
+            result = await upload.commit()
+        return _constant_response(result)
+
+    async def LoadConstantsFromFile(
+        self, request: pb.LoadConstantsFromFileRequest, context: Context
+    ) -> pb.ConstantUpdateResponse:
+        result, ignored = await self._manager.load_constants_from_file(
+            request.name,
+            self._resolve(request.path, "path"),
+            use_inactive=request.use_inactive or request.swap,
+            full=request.check_full_update,
+            swap=request.swap,
+            label=request.label,
+        )
+        return _constant_response(result, ignored)
 
     async def UpdateConstantBuffer(
         self, request: pb.UpdateConstantBufferRequest, context: Context
     ) -> pb.ConstantUpdateResponse:
         tensors = convert.tensors_from_pb(request.constants, "constants")
-        version = await self._manager.update_constant_buffer(
+        result = await self._manager.update_constant_buffer(
             request.name,
             tensors,
             use_inactive=request.use_inactive,
             validate_full_updates=request.validate_full_updates,
             user_managed=request.user_managed,
+            label=request.label,
         )
-        return pb.ConstantUpdateResponse(constants_version=version, updated=len(tensors))
+        return _constant_response(result)
 
     async def SwapConstantBuffer(
         self, request: pb.SwapConstantBufferRequest, context: Context
     ) -> pb.ConstantUpdateResponse:
-        version = await self._manager.swap_constant_buffer(request.name)
-        return pb.ConstantUpdateResponse(constants_version=version)
+        return _constant_response(await self._manager.swap_constant_buffer(request.name))
 
     async def LoadMetadataFromPackage(
         self, request: pb.LoadMetadataFromPackageRequest, context: Context
@@ -267,6 +308,17 @@ class _StreamAnswers:
 
     def close(self) -> None:
         self.queue.put_nowait(None)
+
+
+def _constant_response(
+    result: ConstantUpdateResult, ignored: list[str] | None = None
+) -> pb.ConstantUpdateResponse:
+    return pb.ConstantUpdateResponse(
+        constants_version=result.version,
+        updated=result.updated,
+        constants_label=result.label,
+        ignored=ignored or [],
+    )
 
 
 def _response(request: pb.RunRequest, result: InferenceResult) -> pb.RunResponse:

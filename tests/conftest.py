@@ -12,6 +12,7 @@ import os
 import pathlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -21,6 +22,7 @@ from loader.build import build_package, cached_package
 from scheduler.manager import ModelConfig
 from service.config import ServerConfig
 from service.demo import demo_package
+from service.pb import pt2serve_pb2 as pb
 from service.pb import pt2serve_pb2_grpc as pb_grpc
 from service.server import Pt2Server
 from tests import models
@@ -107,6 +109,10 @@ class Running:
     loader: pb_grpc.ModelLoaderStub
     inference: pb_grpc.InferenceStub
     target: str
+
+    def load_constants(self, *requests: pb.LoadConstantsRequest) -> Any:
+        """The client-streaming LoadConstants call with the given messages."""
+        return self.loader.LoadConstants(iter(requests))
 
 
 def served_models(packages: Packages) -> tuple[ModelConfig, ...]:

@@ -145,3 +145,50 @@ def test_config_rejects_unknown_keys(tmp_path: pathlib.Path) -> None:
     config.write_text('[[models]]\nname = "a"\npath = "a.pt2"\nrunners = 2\n')
     with pytest.raises(InvalidInput, match=r"unknown key 'runners'"):
         load_config(config)
+
+
+def test_constants_commands(server: subprocess.Popen[str], tmp_path: pathlib.Path) -> None:
+    from safetensors.torch import save_file
+
+    target = f"127.0.0.1:{server.port}"  # type: ignore[attr-defined]
+    listed = pt2serve("constants", "list", "--target", target, "--model", "demo")
+    assert listed.returncode == 0, listed.stderr
+    assert "hidden.weight (" in listed.stdout and "float32[32, 16]" in listed.stdout
+    model = demo_model()
+    with torch.no_grad():
+        model.hidden.weight.mul_(2)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    loaded = pt2serve(
+        "constants",
+        "load",
+        "--target",
+        target,
+        "--model",
+        "demo",
+        "--file",
+        str(tmp_path / "w.safetensors"),
+        "--upload",
+        "--swap",
+        "--label",
+        "doubled",
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    assert "serving version 1 (doubled)" in loaded.stdout
+    assert "ignored (not constants of the model): out.bias" in loaded.stdout
+    x = torch.randn(2, 16)
+    np.save(tmp_path / "x.npy", x.numpy())
+    result = pt2serve(
+        "infer",
+        "--target",
+        target,
+        "--model",
+        "demo",
+        "--input",
+        f"x={tmp_path / 'x.npy'}",
+        "--save",
+        str(tmp_path / "out"),
+    )
+    assert result.returncode == 0, result.stderr
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "out" / "logits.npy")), model(x))
+    outside = pt2serve("constants", "load", "--target", target, "--model", "demo", "--file", "/etc/passwd")
+    assert outside.returncode == 1 and "PERMISSION_DENIED" in outside.stderr

@@ -72,12 +72,10 @@ async def produce_traffic(running: Running) -> None:
         running.inference.Run(run_request("nope", x=torch.randn(2, 3))), grpc.StatusCode.NOT_FOUND
     )
     weight = convert.tensor_to_pb(torch.zeros(32, 16))
-    await running.loader.LoadConstants(
-        pb.LoadConstantsRequest(name="demo", constants={"hidden.weight": weight})
-    )
+    await running.load_constants(pb.LoadConstantsRequest(name="demo", constants={"hidden.weight": weight}))
     bad = convert.tensor_to_pb(torch.zeros(3, 3))
     await expect_error(
-        running.loader.LoadConstants(pb.LoadConstantsRequest(name="demo", constants={"hidden.weight": bad})),
+        running.load_constants(pb.LoadConstantsRequest(name="demo", constants={"hidden.weight": bad})),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
 

@@ -285,7 +285,7 @@ async def test_load_constants_and_update_constant_buffer(running: Running) -> No
     x = torch.randn(3, 16)
     before = outputs_of(await running.inference.Run(run_request("demo", x=x)))["logits"]
     # Staged in the inactive buffer: not served, version unchanged.
-    staged = await running.loader.LoadConstants(
+    staged = await running.load_constants(
         pb.LoadConstantsRequest(
             name="demo", constants={k: convert.tensor_to_pb(v) for k, v in new.items()}, use_inactive=True
         )
@@ -295,7 +295,7 @@ async def test_load_constants_and_update_constant_buffer(running: Running) -> No
     torch.testing.assert_close(outputs_of(response)["logits"], before)
     assert response.constants_version == 0
 
-    served = await running.loader.LoadConstants(
+    served = await running.load_constants(
         pb.LoadConstantsRequest(
             name="demo",
             constants={k: convert.tensor_to_pb(v) for k, v in new.items()},
@@ -335,7 +335,7 @@ async def test_bad_constant_updates_change_nothing(running: Running) -> None:
         request = pb.LoadConstantsRequest(
             name="demo", constants={k: convert.tensor_to_pb(v) for k, v in constants.items()}
         )
-        await expect_error(running.loader.LoadConstants(request), grpc.StatusCode.INVALID_ARGUMENT, fragment)
+        await expect_error(running.load_constants(request), grpc.StatusCode.INVALID_ARGUMENT, fragment)
     after = await running.inference.Run(run_request("demo", x=x))
     torch.testing.assert_close(outputs_of(after)["logits"], before)
     assert after.constants_version == 0
@@ -469,7 +469,7 @@ async def test_stage_then_swap_constants(running: Running) -> None:
     with torch.no_grad():
         for c in listed:
             eager.get_parameter(c.fqn).add_(0.25)
-    staged = await running.loader.LoadConstants(
+    staged = await running.load_constants(
         pb.LoadConstantsRequest(
             name="demo",
             constants={c.fqn: convert.tensor_to_pb(eager.get_parameter(c.fqn).detach()) for c in listed},

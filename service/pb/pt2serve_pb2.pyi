@@ -117,7 +117,7 @@ class LoadModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., package_path: _Optional[str] = ..., model_name: _Optional[str] = ..., run_single_threaded: _Optional[bool] = ..., num_runners: _Optional[int] = ..., device_indices: _Optional[_Iterable[int]] = ..., schema: _Optional[_Union[ModelSchema, _Mapping]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., runtime: _Optional[str] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "package_path", "model_name", "run_single_threaded", "num_runners", "device_indices", "schema", "batching", "constants_version", "runtime", "statistics")
+    __slots__ = ("name", "package_path", "model_name", "run_single_threaded", "num_runners", "device_indices", "schema", "batching", "constants_version", "runtime", "statistics", "constants_label")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PACKAGE_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,7 @@ class ModelStatus(_message.Message):
     CONSTANTS_VERSION_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
     STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    CONSTANTS_LABEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     package_path: str
     model_name: str
@@ -140,7 +141,8 @@ class ModelStatus(_message.Message):
     constants_version: int
     runtime: str
     statistics: ModelStatistics
-    def __init__(self, name: _Optional[str] = ..., package_path: _Optional[str] = ..., model_name: _Optional[str] = ..., run_single_threaded: _Optional[bool] = ..., num_runners: _Optional[int] = ..., device_indices: _Optional[_Iterable[int]] = ..., schema: _Optional[_Union[ModelSchema, _Mapping]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., constants_version: _Optional[int] = ..., runtime: _Optional[str] = ..., statistics: _Optional[_Union[ModelStatistics, _Mapping]] = ...) -> None: ...
+    constants_label: str
+    def __init__(self, name: _Optional[str] = ..., package_path: _Optional[str] = ..., model_name: _Optional[str] = ..., run_single_threaded: _Optional[bool] = ..., num_runners: _Optional[int] = ..., device_indices: _Optional[_Iterable[int]] = ..., schema: _Optional[_Union[ModelSchema, _Mapping]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., constants_version: _Optional[int] = ..., runtime: _Optional[str] = ..., statistics: _Optional[_Union[ModelStatistics, _Mapping]] = ..., constants_label: _Optional[str] = ...) -> None: ...
 
 class ModelStatistics(_message.Message):
     __slots__ = ("requests", "batches", "rows", "queue_depth", "batches_in_flight")
@@ -244,7 +246,7 @@ class GetConstantFqnsResponse(_message.Message):
     def __init__(self, constants: _Optional[_Iterable[_Union[ConstantInfo, _Mapping]]] = ...) -> None: ...
 
 class LoadConstantsRequest(_message.Message):
-    __slots__ = ("name", "constants", "use_inactive", "check_full_update", "user_managed")
+    __slots__ = ("name", "constants", "use_inactive", "check_full_update", "user_managed", "chunks", "label")
     class ConstantsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -257,15 +259,49 @@ class LoadConstantsRequest(_message.Message):
     USE_INACTIVE_FIELD_NUMBER: _ClassVar[int]
     CHECK_FULL_UPDATE_FIELD_NUMBER: _ClassVar[int]
     USER_MANAGED_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     constants: _containers.MessageMap[str, Tensor]
     use_inactive: bool
     check_full_update: bool
     user_managed: bool
-    def __init__(self, name: _Optional[str] = ..., constants: _Optional[_Mapping[str, Tensor]] = ..., use_inactive: _Optional[bool] = ..., check_full_update: _Optional[bool] = ..., user_managed: _Optional[bool] = ...) -> None: ...
+    chunks: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    label: str
+    def __init__(self, name: _Optional[str] = ..., constants: _Optional[_Mapping[str, Tensor]] = ..., use_inactive: _Optional[bool] = ..., check_full_update: _Optional[bool] = ..., user_managed: _Optional[bool] = ..., chunks: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., label: _Optional[str] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("fqn", "dtype", "shape", "offset", "data")
+    FQN_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    fqn: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    data: bytes
+    def __init__(self, fqn: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class LoadConstantsFromFileRequest(_message.Message):
+    __slots__ = ("name", "path", "use_inactive", "check_full_update", "swap", "label")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    USE_INACTIVE_FIELD_NUMBER: _ClassVar[int]
+    CHECK_FULL_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    SWAP_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    use_inactive: bool
+    check_full_update: bool
+    swap: bool
+    label: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., use_inactive: _Optional[bool] = ..., check_full_update: _Optional[bool] = ..., swap: _Optional[bool] = ..., label: _Optional[str] = ...) -> None: ...
 
 class UpdateConstantBufferRequest(_message.Message):
-    __slots__ = ("name", "constants", "use_inactive", "validate_full_updates", "user_managed")
+    __slots__ = ("name", "constants", "use_inactive", "validate_full_updates", "user_managed", "label")
     class ConstantsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -278,12 +314,14 @@ class UpdateConstantBufferRequest(_message.Message):
     USE_INACTIVE_FIELD_NUMBER: _ClassVar[int]
     VALIDATE_FULL_UPDATES_FIELD_NUMBER: _ClassVar[int]
     USER_MANAGED_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     constants: _containers.MessageMap[str, Tensor]
     use_inactive: bool
     validate_full_updates: bool
     user_managed: bool
-    def __init__(self, name: _Optional[str] = ..., constants: _Optional[_Mapping[str, Tensor]] = ..., use_inactive: _Optional[bool] = ..., validate_full_updates: _Optional[bool] = ..., user_managed: _Optional[bool] = ...) -> None: ...
+    label: str
+    def __init__(self, name: _Optional[str] = ..., constants: _Optional[_Mapping[str, Tensor]] = ..., use_inactive: _Optional[bool] = ..., validate_full_updates: _Optional[bool] = ..., user_managed: _Optional[bool] = ..., label: _Optional[str] = ...) -> None: ...
 
 class SwapConstantBufferRequest(_message.Message):
     __slots__ = ("name",)
@@ -292,12 +330,16 @@ class SwapConstantBufferRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ConstantUpdateResponse(_message.Message):
-    __slots__ = ("constants_version", "updated")
+    __slots__ = ("constants_version", "updated", "constants_label", "ignored")
     CONSTANTS_VERSION_FIELD_NUMBER: _ClassVar[int]
     UPDATED_FIELD_NUMBER: _ClassVar[int]
+    CONSTANTS_LABEL_FIELD_NUMBER: _ClassVar[int]
+    IGNORED_FIELD_NUMBER: _ClassVar[int]
     constants_version: int
     updated: int
-    def __init__(self, constants_version: _Optional[int] = ..., updated: _Optional[int] = ...) -> None: ...
+    constants_label: str
+    ignored: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, constants_version: _Optional[int] = ..., updated: _Optional[int] = ..., constants_label: _Optional[str] = ..., ignored: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadMetadataFromPackageRequest(_message.Message):
     __slots__ = ("package_path", "model_name")

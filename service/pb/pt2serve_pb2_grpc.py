@@ -66,9 +66,14 @@ class ModelLoaderStub:
                 request_serializer=pt2serve_dot_v1_dot_pt2serve__pb2.GetConstantFqnsRequest.SerializeToString,
                 response_deserializer=pt2serve_dot_v1_dot_pt2serve__pb2.GetConstantFqnsResponse.FromString,
                 _registered_method=True)
-        self.LoadConstants = channel.unary_unary(
+        self.LoadConstants = channel.stream_unary(
                 '/pt2serve.v1.ModelLoader/LoadConstants',
                 request_serializer=pt2serve_dot_v1_dot_pt2serve__pb2.LoadConstantsRequest.SerializeToString,
+                response_deserializer=pt2serve_dot_v1_dot_pt2serve__pb2.ConstantUpdateResponse.FromString,
+                _registered_method=True)
+        self.LoadConstantsFromFile = channel.unary_unary(
+                '/pt2serve.v1.ModelLoader/LoadConstantsFromFile',
+                request_serializer=pt2serve_dot_v1_dot_pt2serve__pb2.LoadConstantsFromFileRequest.SerializeToString,
                 response_deserializer=pt2serve_dot_v1_dot_pt2serve__pb2.ConstantUpdateResponse.FromString,
                 _registered_method=True)
         self.UpdateConstantBuffer = channel.unary_unary(
@@ -133,8 +138,18 @@ class ModelLoaderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def LoadConstants(self, request, context):
-        """AOTIModelPackageLoader::load_constants (keys are FQNs)
+    def LoadConstants(self, request_iterator, context):
+        """AOTIModelPackageLoader::load_constants (keys are FQNs). Client-streaming: the
+        first message sets the model and flags; tensors arrive whole (`constants`) or
+        in pieces (`chunks`), so weights far larger than one message fit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadConstantsFromFile(self, request, context):
+        """load_constants from a .safetensors file or a torch.save state dict (read with
+        weights_only=True) under the server's model root.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -194,9 +209,14 @@ def add_ModelLoaderServicer_to_server(servicer, server):
                     request_deserializer=pt2serve_dot_v1_dot_pt2serve__pb2.GetConstantFqnsRequest.FromString,
                     response_serializer=pt2serve_dot_v1_dot_pt2serve__pb2.GetConstantFqnsResponse.SerializeToString,
             ),
-            'LoadConstants': grpc.unary_unary_rpc_method_handler(
+            'LoadConstants': grpc.stream_unary_rpc_method_handler(
                     servicer.LoadConstants,
                     request_deserializer=pt2serve_dot_v1_dot_pt2serve__pb2.LoadConstantsRequest.FromString,
+                    response_serializer=pt2serve_dot_v1_dot_pt2serve__pb2.ConstantUpdateResponse.SerializeToString,
+            ),
+            'LoadConstantsFromFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadConstantsFromFile,
+                    request_deserializer=pt2serve_dot_v1_dot_pt2serve__pb2.LoadConstantsFromFileRequest.FromString,
                     response_serializer=pt2serve_dot_v1_dot_pt2serve__pb2.ConstantUpdateResponse.SerializeToString,
             ),
             'UpdateConstantBuffer': grpc.unary_unary_rpc_method_handler(
@@ -390,7 +410,34 @@ class ModelLoader:
             _registered_method=True)
 
     @staticmethod
-    def LoadConstants(request,
+    def LoadConstants(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/pt2serve.v1.ModelLoader/LoadConstants',
+            pt2serve_dot_v1_dot_pt2serve__pb2.LoadConstantsRequest.SerializeToString,
+            pt2serve_dot_v1_dot_pt2serve__pb2.ConstantUpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadConstantsFromFile(request,
             target,
             options=(),
             channel_credentials=None,
@@ -403,8 +450,8 @@ class ModelLoader:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pt2serve.v1.ModelLoader/LoadConstants',
-            pt2serve_dot_v1_dot_pt2serve__pb2.LoadConstantsRequest.SerializeToString,
+            '/pt2serve.v1.ModelLoader/LoadConstantsFromFile',
+            pt2serve_dot_v1_dot_pt2serve__pb2.LoadConstantsFromFileRequest.SerializeToString,
             pt2serve_dot_v1_dot_pt2serve__pb2.ConstantUpdateResponse.FromString,
             options,
             channel_credentials,
