@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,7 +20,7 @@ import grpc
 import torch
 
 from service import convert
-from service.config import DEFAULT_MAX_MESSAGE_BYTES
+from service.config import DEFAULT_GIL_SWITCH_INTERVAL_US, DEFAULT_MAX_MESSAGE_BYTES
 from service.errors import DomainErrorInterceptor
 from service.pb import pt2serve_pb2 as pb
 from service.pb import pt2serve_pb2_grpc as pb_grpc
@@ -66,6 +67,8 @@ async def serve(port: int, output_width: int) -> None:
 
 
 def main() -> None:
+    # The same process setting as `pt2serve serve` (see ServerConfig.gil_switch_interval_us).
+    sys.setswitchinterval(DEFAULT_GIL_SWITCH_INTERVAL_US / 1e6)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--output-width", type=int, required=True)

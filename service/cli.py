@@ -159,6 +159,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _run_server(config: ServerConfig) -> None:
+    if config.gil_switch_interval_us > 0:
+        sys.setswitchinterval(config.gil_switch_interval_us / 1e6)
     from service.metrics import start_metrics_server
     from service.server import Pt2Server
 
