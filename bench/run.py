@@ -102,7 +102,9 @@ def server_process(argv: list[str], ready: str, env: dict[str, str]) -> Iterator
             proc.wait(timeout=60)
 
 
-def pt2serve_argv(model: BenchModel, max_batch: int, runners: int, config_dir: str) -> list[str]:
+def pt2serve_argv(
+    model: BenchModel, max_batch: int, runners: int, config_dir: str, queue_delay_ms: float = 0.0
+) -> list[str]:
     config = pathlib.Path(config_dir) / f"{model.name}-{max_batch}.toml"
     config.write_text(
         f"""
@@ -118,6 +120,7 @@ num_runners = {runners}
 [models.batching]
 max_batch_size = {max_batch}
 max_queue_size = 4096
+max_queue_delay_ms = {queue_delay_ms if max_batch > 1 else 0}
 """
     )
     return [sys.executable, "-m", "service.cli", "serve", "--config", str(config)]
@@ -336,7 +339,8 @@ def write_report(
         "",
         f"- Machine: {os.cpu_count()} CPUs; torch {torch.__version__}; "
         f"ISA {torch.backends.cpu.get_cpu_capability()}",
-        f"- pt2serve: max_batch_size {MAX_BATCH}, num_runners {args.runners}, "
+        f"- pt2serve: max_batch_size {MAX_BATCH}, max_queue_delay {args.queue_delay_ms} ms, "
+        f"num_runners {args.runners}, "
         f"OMP_NUM_THREADS={args.omp_threads or 'unset'}; "
         f"{args.warmup:.0f} s warm-up, {args.duration:.0f} s measured per point",
         "- Models: `demo` (16→32→4 MLP, overhead-bound); `ffn` (two 512→2048→512 feed-forward "
@@ -414,8 +418,9 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,64,128")
     parser.add_argument("--modes", default="unary,stream")
     parser.add_argument("--models", default="demo,ffn")
-    parser.add_argument("--runners", type=int, default=2)
-    parser.add_argument("--omp-threads", type=int, default=1, help="OMP_NUM_THREADS for servers (0: unset)")
+    parser.add_argument("--runners", type=int, default=1)
+    parser.add_argument("--queue-delay-ms", type=float, default=0.0, help="pt2serve's max_queue_delay")
+    parser.add_argument("--omp-threads", type=int, default=0, help="OMP_NUM_THREADS for servers (0: unset)")
     parser.add_argument("--target-mode", default="stream", choices=["unary", "stream"])
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument(
@@ -447,7 +452,11 @@ def main() -> None:
                     [sys.executable, "-m", "bench.null_server", "--output-width", str(model.out_width)],
                     "null server listening",
                 ),
-                ("pt2serve", pt2serve_argv(model, MAX_BATCH, args.runners, config_dir), "ready:"),
+                (
+                    "pt2serve",
+                    pt2serve_argv(model, MAX_BATCH, args.runners, config_dir, args.queue_delay_ms),
+                    "ready:",
+                ),
                 ("no-batching", pt2serve_argv(model, 1, args.runners, config_dir), "ready:"),
             ]
             for server, argv, ready in servers:

@@ -37,6 +37,11 @@ class ServerConfig:
     # the event loop, and batches stall (measured: half the throughput at 64
     # requests in flight). 0 keeps Python's default.
     gil_switch_interval_us: int = DEFAULT_GIL_SWITCH_INTERVAL_US
+    # Close client connections after this long (0: never), so clients behind a
+    # per-connection load balancer reconnect and spread over new replicas. Calls
+    # in progress get max_connection_age_grace_s to finish.
+    max_connection_age_s: float = 0.0
+    max_connection_age_grace_s: float = 30.0
     models: tuple[ModelConfig, ...] = field(default_factory=tuple)
 
     def resolve(self, path: str) -> str:
@@ -82,6 +87,8 @@ def load_config(path: str | os.PathLike[str]) -> ServerConfig:
             "model_root",
             "drain_grace_s",
             "gil_switch_interval_us",
+            "max_connection_age_s",
+            "max_connection_age_grace_s",
         },
         "[server]",
     )
@@ -95,6 +102,8 @@ def load_config(path: str | os.PathLike[str]) -> ServerConfig:
         model_root=root,
         drain_grace_s=float(server.get("drain_grace_s", DEFAULT_DRAIN_GRACE_S)),
         gil_switch_interval_us=int(server.get("gil_switch_interval_us", DEFAULT_GIL_SWITCH_INTERVAL_US)),
+        max_connection_age_s=float(server.get("max_connection_age_s", 0.0)),
+        max_connection_age_grace_s=float(server.get("max_connection_age_grace_s", 30.0)),
         models=models,
     )
 

@@ -1,4 +1,7 @@
-"""grpc.health.v1 for the server as a whole ("") and for each model by name."""
+"""grpc.health.v1: the server as a whole (""), each service, each model by name, and
+two names for Kubernetes probes: "readiness" (SERVING once the configured models are
+loaded, NOT_SERVING while draining) and "liveness" (SERVING until the process exits,
+so a draining pod is not killed early)."""
 
 from __future__ import annotations
 
@@ -8,23 +11,24 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from service.pb import pt2serve_pb2
 
 SERVICES = tuple(s.full_name for s in pt2serve_pb2.DESCRIPTOR.services_by_name.values())
+LIVENESS = "liveness"
+READINESS = "readiness"
 
 
 class ModelHealth:
     def __init__(self) -> None:
         self.servicer = health_aio.HealthServicer()
 
+    async def set_alive(self) -> None:
+        await self.servicer.set(LIVENESS, _status(True))
+
     async def set_server(self, serving: bool) -> None:
         status = _status(serving)
-        await self.servicer.set("", status)
-        for service in SERVICES:
+        for service in ("", READINESS, *SERVICES):
             await self.servicer.set(service, status)
 
     async def set_serving(self, model: str, serving: bool) -> None:
         await self.servicer.set(model, _status(serving))
-
-    async def shutdown(self) -> None:
-        await self.servicer.enter_graceful_shutdown()
 
 
 def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:

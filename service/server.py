@@ -40,13 +40,16 @@ class Pt2Server:
     async def start(self) -> int:
         """Listen, then load the configured models; returns the bound gRPC port."""
         cfg = self.config
-        server = grpc.aio.server(
-            interceptors=[self._grpc_metrics, DomainErrorInterceptor()],
-            options=[
-                ("grpc.max_receive_message_length", cfg.max_message_bytes),
-                ("grpc.max_send_message_length", cfg.max_message_bytes),
-            ],
-        )
+        options: list[tuple[str, int]] = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ]
+        if cfg.max_connection_age_s > 0:
+            options += [
+                ("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(cfg.max_connection_age_grace_s * 1000)),
+            ]
+        server = grpc.aio.server(interceptors=[self._grpc_metrics, DomainErrorInterceptor()], options=options)
         pb_grpc.add_ModelLoaderServicer_to_server(  # type: ignore[no-untyped-call]
             ModelLoaderServicer(self.manager, self.health, cfg.confine), server
         )
@@ -63,6 +66,7 @@ class Pt2Server:
         if self.port == 0:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.grpc_port}")
         await self.health.set_server(False)
+        await self.health.set_alive()
         await server.start()
         self._server = server
         log.info("gRPC listening on %s:%d", cfg.host, self.port)
@@ -76,7 +80,9 @@ class Pt2Server:
         """Stop taking new calls, let queued and running requests finish within the
         grace, then close every model."""
         grace = self.config.drain_grace_s if grace_s is None else grace_s
-        await self.health.shutdown()
+        await self.health.set_server(False)
+        for model in self.manager.models():
+            await self.health.set_serving(model.config.name, False)
         await self.manager.close(grace)
         if self._server is not None:
             await self._server.stop(grace)

@@ -5,7 +5,7 @@ import warnings
 
 from . import pt2serve_pb2 as pt2serve_dot_v1_dot_pt2serve__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

@@ -1,0 +1,151 @@
+"""Graceful drain: health turns NOT_SERVING, new calls get UNAVAILABLE, queued and
+running requests finish, the process exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from scheduler.manager import ModelConfig
+from service.config import ServerConfig
+from service.demo import demo_model
+from service.pb import pt2serve_pb2_grpc as pb_grpc
+from service.server import Pt2Server
+from tests.conftest import CACHE, Packages
+from tests.test_service import expect_error, outputs_of, run_request
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def until(condition: object, what: str, limit_s: float = 30.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if await condition():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_drain_finishes_queued_work_and_refuses_new_calls(packages: Packages) -> None:
+    config = ServerConfig(
+        grpc_port=0, metrics_port=0, model_root=str(CACHE), models=(ModelConfig("demo", str(packages.demo)),)
+    )
+    server = Pt2Server(config)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    inference = pb_grpc.InferenceStub(channel)
+    health = health_pb2_grpc.HealthStub(channel)
+    gate = threading.Event()
+    try:
+        for service in ("readiness", "liveness", ""):
+            assert (await health.Check(health_pb2.HealthCheckRequest(service=service))).status == SERVING
+        scheduler = server.manager.get("demo").scheduler
+        # Hold the runner so requests stay queued while the drain starts.
+        hold = asyncio.ensure_future(scheduler.exclusive(lambda: gate.wait(30), bump_version=False))
+        xs = [torch.randn(1 + i % 3, 16) for i in range(10)]
+        queued = [
+            asyncio.ensure_future(inference.Run(run_request("demo", f"q{i}", x=x))) for i, x in enumerate(xs)
+        ]
+
+        async def all_queued() -> bool:
+            return scheduler.queue_depth == len(xs)
+
+        await until(all_queued, "requests to queue")
+        stopping = asyncio.ensure_future(server.stop(grace_s=30))
+
+        async def not_ready() -> bool:
+            check = await health.Check(health_pb2.HealthCheckRequest(service="readiness"))
+            return check.status == NOT_SERVING
+
+        await until(not_ready, "readiness NOT_SERVING")
+        assert (await health.Check(health_pb2.HealthCheckRequest(service="liveness"))).status == SERVING
+        assert (await health.Check(health_pb2.HealthCheckRequest(service="demo"))).status == NOT_SERVING
+        await expect_error(
+            inference.Run(run_request("demo", x=torch.randn(1, 16))),
+            grpc.StatusCode.UNAVAILABLE,
+            "shutting down",
+        )
+        assert not any(task.done() for task in queued)
+        gate.set()
+        await hold
+        responses = await asyncio.gather(*queued)
+        eager = demo_model()
+        for x, response in zip(xs, responses, strict=True):
+            torch.testing.assert_close(outputs_of(response)["logits"], eager(x))
+        await stopping
+    finally:
+        gate.set()
+        await channel.close()
+        await server.stop(0)
+
+
+def test_sigterm_under_load_loses_nothing(packages: Packages, tmp_path: pathlib.Path) -> None:
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "PT2SERVE_CACHE_DIR": str(CACHE), "PYTHONUNBUFFERED": "1"}
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--grpc-port", "0", "--metrics-port", "0"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "ready:" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text())
+        assert match, log.read_text()
+        outcomes = asyncio.run(_load_then_sigterm(f"127.0.0.1:{match.group(1)}", proc))
+        assert proc.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    codes = {code for code, _ in outcomes}
+    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, sorted(c.name for c in codes)
+    # UNAVAILABLE means refused, never accepted: any other failure would be a
+    # request the server took and then lost.
+    before = [code for code, when in outcomes if when == "before"]
+    after = [code for code, when in outcomes if when == "after"]
+    assert before.count(grpc.StatusCode.OK) > 10
+    assert grpc.StatusCode.UNAVAILABLE in after
+
+
+async def _load_then_sigterm(target: str, proc: subprocess.Popen[bytes]) -> list[tuple[grpc.StatusCode, str]]:
+    outcomes: list[tuple[grpc.StatusCode, str]] = []
+    sent_sigterm = asyncio.Event()
+    stop = asyncio.Event()
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+
+        async def worker() -> None:
+            while not stop.is_set():
+                when = "after" if sent_sigterm.is_set() else "before"
+                try:
+                    await stub.Run(run_request("demo", x=torch.randn(2, 16)), timeout=20)
+                    outcomes.append((grpc.StatusCode.OK, when))
+                except grpc.aio.AioRpcError as exc:
+                    outcomes.append((exc.code(), when))
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                        await asyncio.sleep(0.01)
+
+        workers = [asyncio.create_task(worker()) for _ in range(8)]
+        await asyncio.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        sent_sigterm.set()
+        await asyncio.sleep(1.5)
+        stop.set()
+        await asyncio.gather(*workers)
+    return outcomes
