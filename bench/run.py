@@ -38,6 +38,7 @@ from loader.build import build_package, cached_package
 from loader.package import LoadOptions, ModelPackage
 from service import convert
 from service.demo import IN_FEATURES, OUT_FEATURES, demo_package
+from service.pb import grpc_service_pb2 as v2
 from service.pb import pt2serve_pb2 as pb
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -127,10 +128,24 @@ max_queue_delay_ms = {queue_delay_ms if max_batch > 1 else 0}
 
 
 # ------------------------------------------------------------------ load
-def request_bytes(model: BenchModel, index: int) -> bytes:
+def request_bytes(model: BenchModel, index: int, protocol: str = "native") -> bytes:
     x = torch.randn(1, model.in_width, generator=torch.Generator().manual_seed(index))
+    if protocol == "v2":
+        v2_request = v2.ModelInferRequest(model_name=model.name)
+        v2_request.inputs.add(name="x", datatype="FP32", shape=[1, model.in_width])
+        v2_request.raw_input_contents.append(x.numpy().tobytes())
+        return v2_request.SerializeToString()
     request = pb.RunRequest(model=model.name, inputs={"x": convert.tensor_to_pb(x)})
     return request.SerializeToString()
+
+
+# mode -> (unary method, streaming method); "v2-*" modes use the KServe v2 endpoint.
+METHODS = {
+    "unary": "/pt2serve.v1.Inference/Run",
+    "stream": "/pt2serve.v1.Inference/RunStream",
+    "v2-unary": "/inference.GRPCInferenceService/ModelInfer",
+    "v2-stream": "/inference.GRPCInferenceService/ModelStreamInfer",
+}
 
 
 def model_counters(target: str, model: str) -> tuple[int, int] | None:
@@ -164,7 +179,7 @@ async def closed_loop(
         latencies: list[float] = []
 
         async def unary(worker: int) -> None:
-            call = channel.unary_unary("/pt2serve.v1.Inference/Run", None, None)
+            call = channel.unary_unary(METHODS[mode], None, None)
             i = worker
             while (now := loop.time()) < end:
                 await call(payloads[i % len(payloads)])
@@ -174,22 +189,31 @@ async def closed_loop(
                 i += concurrency
 
         async def stream(worker: int) -> None:
-            call = channel.stream_stream("/pt2serve.v1.Inference/RunStream", None, None)(None)
+            call = channel.stream_stream(METHODS[mode], None, None)(None)
             i = worker
             while (now := loop.time()) < end:
                 await call.write(payloads[i % len(payloads)])
                 answer: bytes = await call.read()  # type: ignore[assignment]
                 done = loop.time()
-                if i < concurrency and b"\x1a" in answer[:8]:  # field 3 (error) up front
-                    raise RuntimeError(pb.RunStreamResponse.FromString(answer).error.message)
+                if i < concurrency:
+                    _check_stream_answer(mode, answer)
                 if now >= start:
                     latencies.append(done - now)
                 i += concurrency
             await call.done_writing()
 
-        worker = unary if mode == "unary" else stream
+        worker = stream if mode.endswith("stream") else unary
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
     return len(latencies) / duration, latencies
+
+
+def _check_stream_answer(mode: str, answer: bytes) -> None:
+    if mode == "v2-stream":
+        message = v2.ModelStreamInferResponse.FromString(answer).error_message
+    else:
+        message = pb.RunStreamResponse.FromString(answer).error.message
+    if message:
+        raise RuntimeError(message)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -206,9 +230,11 @@ def measure(
     warmup: float,
     duration: float,
 ) -> list[Sample]:
-    payloads = [request_bytes(model, i) for i in range(64)]
     samples = []
     for mode in modes:
+        if mode.startswith("v2") and server == "null":
+            continue  # the null server speaks only the native protocol
+        payloads = [request_bytes(model, i, "v2" if mode.startswith("v2") else "native") for i in range(64)]
         for concurrency in concurrencies:
             before = model_counters(target, model.name)
             throughput, latencies = asyncio.run(

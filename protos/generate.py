@@ -19,7 +19,7 @@ PROTO_ROOT = ROOT / "protos"
 OUT = ROOT / "service" / "pb"
 # protoc writes absolute imports (`from pt2serve.v1 import x_pb2`); the modules
 # live flat in service/pb, so imports between them become relative.
-_IMPORT = re.compile(r"^from pt2serve\.v1 import (\w+_pb2)", re.MULTILINE)
+_IMPORT = re.compile(r"^from pt2serve(?:\.\w+)+ import (\w+_pb2)", re.MULTILINE)
 
 
 def generate(dest: pathlib.Path) -> list[pathlib.Path]:

@@ -110,11 +110,18 @@ class RunnerSlot:
 
 
 @dataclass(slots=True)
-class _Stats:
+class SchedulerStats:
+    """Cumulative counters since the model was loaded."""
+
     batches: int = 0
     rows: int = 0
     requests: int = 0
     batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
+    # Summed over requests (queue) and over batches (compute).
+    queue_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    # Wall-clock time the last batch finished (0: none yet).
+    last_batch_at: float = 0.0
 
 
 def _resolve(req: PendingRequest, result: RunResult | BaseException) -> None:
@@ -152,7 +159,7 @@ class ModelScheduler:
         self.pad_to = pad_to
         self._telemetry: Telemetry = telemetry or NoTelemetry()
         self.constants_version = 0
-        self.stats = _Stats()
+        self.stats = SchedulerStats()
         self._slots = list(slots)
         self._clock = clock
         self._queues: list[collections.deque[PendingRequest]] = [
@@ -420,6 +427,9 @@ class ModelScheduler:
 
         def done(results: list[list[torch.Tensor]] | None, error: BaseException | None) -> None:
             rows = sum(r.rows for r in batch)
+            self.stats.queue_seconds += sum(waits)
+            self.stats.compute_seconds += compute[0]
+            self.stats.last_batch_at = time.time()
             self._telemetry.batch_finished(self.name, slot.label, rows, waits, compute[0], error is None)
             self._finish(slot, batch, version, results, error)
 

@@ -105,6 +105,16 @@ class _DeviceRunner:
         return [t.cpu() for t in self._package.run(moved)]
 
 
+@dataclass(slots=True)
+class RequestStats:
+    """Requests answered since load: how many and their summed latency."""
+
+    succeeded: int = 0
+    succeeded_seconds: float = 0.0
+    failed: int = 0
+    failed_seconds: float = 0.0
+
+
 @dataclass(eq=False)
 class LoadedModel:
     config: ModelConfig
@@ -119,6 +129,7 @@ class LoadedModel:
     # One constant operation at a time per model: staging, updates and swaps must
     # not interleave, or a swap could serve half of one upload.
     constants_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    requests: RequestStats = field(default_factory=lambda: RequestStats())
 
     @property
     def schema(self) -> ModelSchema:
@@ -307,6 +318,14 @@ class ModelManager:
             self.telemetry.request_cancelled(name, elapsed)
             return
         error = future.exception()
+        model = self._models.get(name)
+        if model is not None:
+            if error is None:
+                model.requests.succeeded += 1
+                model.requests.succeeded_seconds += elapsed
+            else:
+                model.requests.failed += 1
+                model.requests.failed_seconds += elapsed
         kind = (
             None
             if error is None

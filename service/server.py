@@ -12,6 +12,8 @@ from scheduler.manager import ModelManager
 from service.config import ServerConfig
 from service.errors import DomainErrorInterceptor
 from service.health import SERVICES, ModelHealth
+from service.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
+from service.kserve import KServeServicer, add_kserve_to_server
 from service.metrics import GrpcMetricsInterceptor, Metrics, ModelStateCollector, new_registry
 from service.pb import pt2serve_pb2_grpc as pb_grpc
 from service.servicer import InferenceServicer, ModelLoaderServicer
@@ -35,6 +37,8 @@ class Pt2Server:
         self._grpc_metrics = GrpcMetricsInterceptor(registry)
         self.health = ModelHealth()
         self.port = 0
+        # True once the configured models are loaded, until shutdown begins.
+        self.ready = False
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> int:
@@ -56,11 +60,15 @@ class Pt2Server:
         pb_grpc.add_InferenceServicer_to_server(  # type: ignore[no-untyped-call]
             InferenceServicer(self.manager), server
         )
+        kserve = KServeServicer(
+            self.manager, {m.name: m for m in cfg.models}, cfg.confine, lambda: self.ready
+        )
+        add_kserve_to_server(kserve, server)
         from grpc_health.v1 import health_pb2_grpc
 
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection(
-            (*SERVICES, "grpc.health.v1.Health", reflection.SERVICE_NAME), server
+            (*SERVICES, KSERVE_SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), server
         )
         self.port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
         if self.port == 0:
@@ -74,12 +82,14 @@ class Pt2Server:
             await self.manager.load(model)
             await self.health.set_serving(model.name, True)
         await self.health.set_server(True)
+        self.ready = True
         return self.port
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop taking new calls, let queued and running requests finish within the
         grace, then close every model."""
         grace = self.config.drain_grace_s if grace_s is None else grace_s
+        self.ready = False
         await self.health.set_server(False)
         for model in self.manager.models():
             await self.health.set_serving(model.config.name, False)
