@@ -98,6 +98,36 @@ def _adopt(handles: Sequence[int]) -> list[torch.Tensor]:
     return tensors
 
 
+EXTRACT_PREFIX = "pt2serve-"
+
+
+def clean_stale_extractions(directory: str | None = None) -> list[str]:
+    """Remove the extraction dirs of pt2serve processes that no longer run (a process
+    killed with SIGKILL cannot clean up). Returns the removed paths."""
+    removed = []
+    base = directory or tempfile.gettempdir()
+    for entry in os.scandir(base):
+        name = entry.name
+        if not (entry.is_dir(follow_symlinks=False) and name.startswith(EXTRACT_PREFIX)):
+            continue
+        pid_text = name[len(EXTRACT_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def extract_model_files(package: str, model_name: str) -> tuple[str, str]:
     """Extract the model's compiled files to a private temp dir; return (dir, .so path)."""
     prefix = f"data/aotinductor/{model_name}/"
@@ -109,7 +139,7 @@ def extract_model_files(package: str, model_name: str) -> tuple[str, str]:
                 raise PackageError(
                     f"{package!r}: expected one .so for model {model_name!r}, found {len(libraries)}"
                 )
-            directory = tempfile.mkdtemp(prefix="pt2serve-")
+            directory = tempfile.mkdtemp(prefix=f"{EXTRACT_PREFIX}{os.getpid()}-")
             try:
                 for name in members:
                     target = os.path.join(directory, os.path.basename(name))

@@ -9,6 +9,7 @@ import pathlib
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -26,6 +27,10 @@ from service.config import (
     load_config,
     parse_model_flag,
 )
+from service.security import TOKEN_ENV, read_token
+
+if TYPE_CHECKING:
+    from service.client import Pt2ServeClient
 
 log = logging.getLogger("pt2serve")
 
@@ -63,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, help=f"default {DEFAULT_METRICS_PORT}; 0 disables")
     serve.add_argument("--max-message-mb", type=int, help=f"default {DEFAULT_MAX_MESSAGE_BYTES >> 20}")
     serve.add_argument("--num-runners", type=int, default=1, help="runners per --model (default 1)")
+    serve.add_argument(
+        "--management-token-file", help=f"require this bearer token for management RPCs (or set ${TOKEN_ENV})"
+    )
+    serve.add_argument("--tls-cert", help="serve TLS with this certificate ...")
+    serve.add_argument("--tls-key", help="... and this private key")
+    serve.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
     serve.set_defaults(func=_serve)
 
     build = sub.add_parser("build", help="export and compile a module into a .pt2 package")
@@ -88,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     build.set_defaults(func=_build)
 
     infer = sub.add_parser("infer", help="send one request and print the outputs")
-    infer.add_argument("--target", default=f"127.0.0.1:{DEFAULT_GRPC_PORT}")
+    _connection_flags(infer)
     infer.add_argument("--model", required=True)
     infer.add_argument(
         "--input", action="append", default=[], metavar="NAME=FILE.npy|random", help="repeatable"
@@ -107,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
         ("swap", "serve the constants staged with --inactive"),
     ):
         p = constants_sub.add_parser(action, help=help_text)
-        p.add_argument("--target", default=f"127.0.0.1:{DEFAULT_GRPC_PORT}")
+        _connection_flags(p)
         p.add_argument("--model", required=True)
         if action == "load":
             p.add_argument("--file", required=True, help="path on the server, under its model root")
@@ -131,6 +142,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _connection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default=f"127.0.0.1:{DEFAULT_GRPC_PORT}", help="host:port of the server")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS (system CAs unless --tls-ca)")
+    parser.add_argument("--tls-ca", help="CA certificate that signed the server's certificate")
+    parser.add_argument("--tls-cert", help="client certificate, for mutual TLS")
+    parser.add_argument("--tls-key", help="client private key, for mutual TLS")
+    parser.add_argument(
+        "--token-file", help=f"management token (default: ${TOKEN_ENV}); needed to load models or weights"
+    )
+
+
+def _client(args: argparse.Namespace) -> Pt2ServeClient:
+    from service.client import Pt2ServeClient
+
+    return Pt2ServeClient(
+        args.target,
+        tls=args.tls,
+        ca_file=args.tls_ca,
+        cert_file=args.tls_cert,
+        key_file=args.tls_key,
+        token=read_token(args.token_file),
+    )
+
+
 # ---------------------------------------------------------------------- serve
 def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else ServerConfig()
@@ -140,6 +175,14 @@ def _serve(args: argparse.Namespace) -> int:
             overrides[key] = getattr(args, flag)
     if args.max_message_mb is not None:
         overrides["max_message_bytes"] = args.max_message_mb << 20
+    for flag, key in (
+        ("management_token_file", "management_token_file"),
+        ("tls_cert", "tls_cert_file"),
+        ("tls_key", "tls_key_file"),
+        ("tls_client_ca", "tls_client_ca_file"),
+    ):
+        if getattr(args, flag):
+            overrides[key] = str(pathlib.Path(getattr(args, flag)).resolve())
     models = list(config.models)
     for flag in args.model:
         name, path = parse_model_flag(flag)
@@ -234,10 +277,9 @@ def _random(shape: Sequence[int], dtype: torch.dtype, generator: torch.Generator
 
 # ---------------------------------------------------------------------- infer
 def _infer(args: argparse.Namespace) -> int:
-    from service.client import Pt2ServeClient
     from service.convert import schema_from_pb
 
-    with Pt2ServeClient(args.target) as client:
+    with _client(args) as client:
         status = {m.name: m for m in client.list_models()}.get(args.model)
         if status is None:
             raise SystemExit(f"model {args.model!r} is not served at {args.target}")
@@ -277,11 +319,10 @@ def _random_for(schema: ModelSchema, name: str, rows: int, generator: torch.Gene
 
 # ------------------------------------------------------------------ constants
 def _constants(args: argparse.Namespace) -> int:
-    from service.client import Pt2ServeClient
     from service.pb import pt2serve_pb2 as pb
 
     skipped: list[str] = []
-    with Pt2ServeClient(args.target) as client:
+    with _client(args) as client:
         if args.action == "list":
             listed = client.loader.GetConstantFqns(pb.GetConstantFqnsRequest(name=args.model))
             for c in listed.constants:

@@ -18,6 +18,7 @@ from service import convert
 from service.config import DEFAULT_MAX_MESSAGE_BYTES
 from service.pb import pt2serve_pb2 as pb
 from service.pb import pt2serve_pb2_grpc as pb_grpc
+from service.security import channel_credentials
 
 ArrayLike = torch.Tensor | np.ndarray[Any, Any]
 # Well under gRPC's default 4 MB limit, so uploads work against any server settings.
@@ -30,14 +31,34 @@ def _tensor(value: ArrayLike) -> pb.Tensor:
 
 
 class Pt2ServeClient:
-    def __init__(self, target: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        self.channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
+    def __init__(
+        self,
+        target: str,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls: bool = False,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        token: str | None = None,
+    ) -> None:
+        """`tls` (with `ca_file` for a private CA, `cert_file`/`key_file` for mutual
+        TLS) and `token` (the management token, sent as a bearer token)."""
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        credentials = channel_credentials(
+            tls=tls or bool(ca_file or cert_file),
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            token=token,
         )
+        if credentials is None:
+            self.channel = grpc.insecure_channel(target, options=options)
+        else:
+            self.channel = grpc.secure_channel(target, credentials, options=options)
         self.inference = pb_grpc.InferenceStub(self.channel)  # type: ignore[no-untyped-call]
         self.loader = pb_grpc.ModelLoaderStub(self.channel)  # type: ignore[no-untyped-call]
 

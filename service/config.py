@@ -17,6 +17,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_GRPC_PORT = 8500
 DEFAULT_DRAIN_GRACE_S = 10.0
 DEFAULT_GIL_SWITCH_INTERVAL_US = 200
+DEFAULT_MAX_TENSOR_BYTES = 1 << 30
 DEFAULT_METRICS_PORT = 8502
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
@@ -42,7 +43,25 @@ class ServerConfig:
     # in progress get max_connection_age_grace_s to finish.
     max_connection_age_s: float = 0.0
     max_connection_age_grace_s: float = 30.0
+    # Limits, each refused with a clear status: one tensor's bytes (inputs and
+    # constants), concurrent calls per client connection.
+    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
+    max_concurrent_streams: int = 100
+    # Security: the management token (file, else $PT2SERVE_MANAGEMENT_TOKEN) and TLS.
+    # With tls_client_ca_file, clients must present a certificate it signed (mTLS).
+    management_token_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
     models: tuple[ModelConfig, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise InvalidInput("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise InvalidInput("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        if self.max_tensor_bytes < 1 or self.max_concurrent_streams < 1:
+            raise InvalidInput("max_tensor_mb and max_concurrent_streams must be positive")
 
     def resolve(self, path: str) -> str:
         """A path the operator gave (flags, config): relative ones join model_root."""
@@ -89,6 +108,12 @@ def load_config(path: str | os.PathLike[str]) -> ServerConfig:
             "gil_switch_interval_us",
             "max_connection_age_s",
             "max_connection_age_grace_s",
+            "max_tensor_mb",
+            "max_concurrent_streams",
+            "management_token_file",
+            "tls_cert_file",
+            "tls_key_file",
+            "tls_client_ca_file",
         },
         "[server]",
     )
@@ -104,6 +129,12 @@ def load_config(path: str | os.PathLike[str]) -> ServerConfig:
         gil_switch_interval_us=int(server.get("gil_switch_interval_us", DEFAULT_GIL_SWITCH_INTERVAL_US)),
         max_connection_age_s=float(server.get("max_connection_age_s", 0.0)),
         max_connection_age_grace_s=float(server.get("max_connection_age_grace_s", 30.0)),
+        max_tensor_bytes=int(server.get("max_tensor_mb", DEFAULT_MAX_TENSOR_BYTES >> 20)) << 20,
+        max_concurrent_streams=int(server.get("max_concurrent_streams", 100)),
+        management_token_file=_path(file, server.get("management_token_file")),
+        tls_cert_file=_path(file, server.get("tls_cert_file")),
+        tls_key_file=_path(file, server.get("tls_key_file")),
+        tls_client_ca_file=_path(file, server.get("tls_client_ca_file")),
         models=models,
     )
 
@@ -166,6 +197,12 @@ def _model(entry: dict[str, Any], index: int, root: str) -> ModelConfig:
         batching=batching,
         runtime=str(entry.get("runtime", "native")),
     )
+
+
+def _path(config_file: pathlib.Path, value: object) -> str | None:
+    if value is None:
+        return None
+    return str((config_file.parent / str(value)).resolve())
 
 
 def _table(raw: dict[str, Any], key: str, where: str) -> dict[str, Any]:

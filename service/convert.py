@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -36,21 +36,39 @@ _ITEMSIZE: dict[str, int] = {
 }
 
 
+# Above this many bytes a declared shape is refused even when it has no elements:
+# torch cannot lay out such a tensor, and no real input is that large.
+MAX_DECLARED_BYTES = 1 << 40
+
+
+def check_shape(field: str, shape: list[int], itemsize: int, max_bytes: int | None) -> int:
+    """Validate a client-declared shape before anything is allocated; returns numel."""
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"{field}: negative dimension in shape {shape}")
+    span = math.prod(max(d, 1) for d in shape) * itemsize
+    limit = MAX_DECLARED_BYTES if max_bytes is None else min(max_bytes, MAX_DECLARED_BYTES)
+    if span > limit:
+        raise InvalidInput(f"{field}: shape {shape} spans {span} bytes, over the server's limit of {limit}")
+    return math.prod(shape)
+
+
+def itemsize(dtype_name: str) -> int:
+    return _ITEMSIZE[dtype_name]
+
+
 def dtype_to_pb(name: str | None) -> pb.DType:
     return _TO_PB[name] if name is not None else pb.DTYPE_UNSPECIFIED
 
 
-def tensor_from_pb(msg: pb.Tensor, field: str) -> torch.Tensor:
+def tensor_from_pb(msg: pb.Tensor, field: str, max_bytes: int | None = None) -> torch.Tensor:
     """Decode a wire tensor; `field` names it in errors (e.g. "inputs['x']")."""
     name = _FROM_PB.get(msg.dtype)
     if name is None:
         label = pb.DType.Name(msg.dtype) if msg.dtype in pb.DType.values() else str(msg.dtype)
         raise InvalidInput(f"{field}: dtype {label} is not supported")
     shape = list(msg.shape)
-    if any(d < 0 for d in shape):
-        raise InvalidInput(f"{field}: negative dimension in shape {shape}")
     dtype = DTYPES[name]
-    numel = math.prod(shape)
+    numel = check_shape(field, shape, _ITEMSIZE[name], max_bytes)
     expected = numel * _ITEMSIZE[name]
     if len(msg.data) != expected:
         raise InvalidInput(
@@ -74,8 +92,10 @@ def tensor_to_pb(tensor: torch.Tensor) -> pb.Tensor:
     return pb.Tensor(dtype=_TO_PB[name], shape=list(tensor.shape), data=tensor.numpy().tobytes())
 
 
-def tensors_from_pb(msgs: Mapping[str, pb.Tensor], field: str) -> dict[str, torch.Tensor]:
-    return {name: tensor_from_pb(t, f"{field}[{name!r}]") for name, t in msgs.items()}
+def tensors_from_pb(
+    msgs: Mapping[str, pb.Tensor], field: str, max_bytes: int | None = None
+) -> dict[str, torch.Tensor]:
+    return {name: tensor_from_pb(t, f"{field}[{name!r}]", max_bytes) for name, t in msgs.items()}
 
 
 def schema_to_pb(schema: ModelSchema) -> pb.ModelSchema:
@@ -158,7 +178,10 @@ class ChunkAssembler:
     """Builds constants from `TensorChunk`s that arrive in order, one constant at a time
     or interleaved; returns each constant once its last byte has arrived."""
 
-    def __init__(self) -> None:
+    def __init__(self, expected_bytes: Callable[[str], int | None] | None = None) -> None:
+        # The size each constant must have; a chunk declaring another size (or an
+        # unknown constant) is refused before anything is allocated.
+        self._expected = expected_bytes
         self._open: dict[str, tuple[pb.Tensor, torch.Tensor, np.ndarray[Any, Any], int]] = {}
 
     def add(self, chunk: pb.TensorChunk) -> tuple[str, torch.Tensor] | None:
@@ -171,8 +194,15 @@ class ChunkAssembler:
             name = _FROM_PB.get(chunk.dtype)
             if name is None:
                 raise InvalidInput(f"{field}: dtype {chunk.dtype} is not supported")
-            if any(d < 0 for d in header.shape):
-                raise InvalidInput(f"{field}: negative dimension in shape {list(header.shape)}")
+            declared = check_shape(field, list(header.shape), _ITEMSIZE[name], None) * _ITEMSIZE[name]
+            if self._expected is not None:
+                expected = self._expected(chunk.fqn)
+                if expected is None:
+                    raise InvalidInput(f"{field}: unknown constant")
+                if declared != expected:
+                    raise InvalidInput(
+                        f"{field}: dtype and shape declare {declared} bytes, the constant has {expected}"
+                    )
             tensor = torch.empty(list(chunk.shape), dtype=DTYPES[name])
             raw = tensor.reshape(-1).view(torch.uint8).numpy()
             state = (header, tensor, raw, 0)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
@@ -20,6 +19,7 @@ import torch
 from loader.errors import InvalidInput, ModelNotFound, Pt2ServeError
 from loader.schema import DTYPES, ModelSchema, TensorSpec
 from scheduler.manager import LoadedModel, ModelConfig, ModelManager, PendingInference
+from service.convert import check_shape, itemsize
 from service.pb import grpc_service_pb2 as v2
 from service.pb import grpc_service_pb2_grpc as v2_grpc
 from service.servicer import Context
@@ -92,7 +92,7 @@ def _param_number(params: Mapping[str, v2.InferParameter], key: str) -> int | No
     raise InvalidInput(f"parameters[{key!r}]: expected an integer, got {choice}")
 
 
-def decode_inputs(request: v2.ModelInferRequest) -> dict[str, torch.Tensor]:
+def decode_inputs(request: v2.ModelInferRequest, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
     """The request's input tensors, from raw contents (preferred) or typed contents."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
@@ -109,19 +109,17 @@ def decode_inputs(request: v2.ModelInferRequest) -> dict[str, torch.Tensor]:
         if name is None:
             raise InvalidInput(f"{field}: datatype {spec.datatype!r} is not supported")
         shape = list(spec.shape)
-        if any(d < 0 for d in shape):
-            raise InvalidInput(f"{field}: negative dimension in shape {shape}")
         dtype = DTYPES[name]
-        numel = math.prod(shape)
+        size = itemsize(name)
+        numel = check_shape(field, shape, size, max_bytes)
         if raw:
             if spec.HasField("contents"):
                 raise InvalidInput(f"{field}: has typed contents while raw_input_contents is used")
-            itemsize = torch.empty((), dtype=dtype).element_size()
             data = raw[i]
-            if len(data) != numel * itemsize:
+            if len(data) != numel * size:
                 raise InvalidInput(
                     f"{field}: raw contents have {len(data)} bytes, shape {shape} of {spec.datatype} "
-                    f"needs {numel * itemsize}"
+                    f"needs {numel * size}"
                 )
             tensor = torch.frombuffer(bytearray(data), dtype=dtype) if numel else torch.empty(0, dtype=dtype)
         else:
@@ -176,7 +174,9 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
         configured: Mapping[str, ModelConfig],
         confine: Callable[[str, str], str],
         is_ready: Callable[[], bool],
+        max_tensor_bytes: int | None = None,
     ) -> None:
+        self._max_tensor_bytes = max_tensor_bytes
         self._manager = manager
         self._configured = configured
         self._confine = confine
@@ -265,7 +265,7 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
     def _submit(self, request: v2.ModelInferRequest, context: Context) -> PendingInference:
         try:
             _check_version(request.model_version)
-            inputs = decode_inputs(request)
+            inputs = decode_inputs(request, self._max_tensor_bytes)
             priority = _param_number(request.parameters, "priority")
             timeout_us = _param_number(request.parameters, "timeout")
         except Pt2ServeError as exc:

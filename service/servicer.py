@@ -61,7 +61,14 @@ def model_status(model: LoadedModel) -> pb.ModelStatus:
 
 
 class ModelLoaderServicer(pb_grpc.ModelLoaderServicer):
-    def __init__(self, manager: ModelManager, health: ModelHealth, path_resolver: Any) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        health: ModelHealth,
+        path_resolver: Any,
+        max_tensor_bytes: int | None = None,
+    ) -> None:
+        self._max_tensor_bytes = max_tensor_bytes
         self._manager = manager
         self._health = health
         self._resolve = path_resolver
@@ -125,11 +132,15 @@ class ModelLoaderServicer(pb_grpc.ModelLoaderServicer):
             user_managed=first.user_managed,
             label=first.label,
         )
-        assembler = convert.ChunkAssembler()
+        sizes = {
+            s.fqn: s.numel() * convert.itemsize(s.dtype) for s in self._manager.get_constants(first.name)
+        }
+        assembler = convert.ChunkAssembler(sizes.get)
         async with upload:
             message = first
             while True:
-                for fqn, tensor in convert.tensors_from_pb(message.constants, "constants").items():
+                constants = convert.tensors_from_pb(message.constants, "constants", self._max_tensor_bytes)
+                for fqn, tensor in constants.items():
                     await upload.add(fqn, tensor)
                 for chunk in message.chunks:
                     if (complete := assembler.add(chunk)) is not None:
@@ -158,7 +169,7 @@ class ModelLoaderServicer(pb_grpc.ModelLoaderServicer):
     async def UpdateConstantBuffer(
         self, request: pb.UpdateConstantBufferRequest, context: Context
     ) -> pb.ConstantUpdateResponse:
-        tensors = convert.tensors_from_pb(request.constants, "constants")
+        tensors = convert.tensors_from_pb(request.constants, "constants", self._max_tensor_bytes)
         result = await self._manager.update_constant_buffer(
             request.name,
             tensors,
@@ -184,12 +195,13 @@ class ModelLoaderServicer(pb_grpc.ModelLoaderServicer):
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, manager: ModelManager, max_tensor_bytes: int | None = None) -> None:
+        self._max_tensor_bytes = max_tensor_bytes
         self._manager = manager
 
     def _submit(self, request: pb.RunRequest, context: Context) -> PendingInference:
         try:
-            inputs = convert.tensors_from_pb(request.inputs, "inputs")
+            inputs = convert.tensors_from_pb(request.inputs, "inputs", self._max_tensor_bytes)
         except Pt2ServeError as exc:
             self._manager.note_rejected(request.model, exc)
             raise

@@ -129,7 +129,7 @@ async def test_a_broken_upload_changes_nothing_and_cannot_be_swapped(running: Ru
     await expect_error(
         running.load_constants(bad),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "constant 'hidden.weight': dtype float64",
+        "chunks['hidden.weight']: dtype and shape declare 4096 bytes, the constant has 2048",
     )
     response = await running.inference.Run(run_request("demo", x=x))
     assert response.constants_version == 0

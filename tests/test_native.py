@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
 import threading
 
 import pytest
 import torch
 
 from loader.errors import InvalidInput, Unsupported
+from loader.native import clean_stale_extractions
 from loader.package import LoadOptions, ModelPackage
 from service.demo import demo_model
 from tests import models
@@ -124,3 +128,16 @@ def test_native_runs_from_several_threads(packages: Packages) -> None:
         t.join()
     assert not errors, errors
     package.close()
+
+
+def test_stale_extractions_of_dead_processes_are_removed(tmp_path: pathlib.Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"pt2serve-{dead.pid}-abc"
+    live = tmp_path / f"pt2serve-{os.getpid()}-def"
+    unrelated = tmp_path / "pt2serve-notapid"
+    for path in (stale, live, unrelated):
+        path.mkdir()
+        (path / "model.so").write_bytes(b"x")
+    assert clean_stale_extractions(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and live.exists() and unrelated.exists()

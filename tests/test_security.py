@@ -1,0 +1,240 @@
+"""Hardening: management auth, TLS and mutual TLS, path confinement, limits, and
+clients that vanish mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import threading
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import torch
+
+from scheduler.manager import ModelConfig
+from service import convert
+from service.client import Pt2ServeClient
+from service.config import ServerConfig
+from service.demo import demo_model
+from service.pb import grpc_service_pb2 as v2
+from service.pb import pt2serve_pb2 as pb
+from service.pb import pt2serve_pb2_grpc as pb_grpc
+from service.server import Pt2Server
+from tests.conftest import CACHE, Packages, Running
+from tests.test_service import expect_error, outputs_of, run_request
+from tests.tls_certs import make_certs
+
+TOKEN = "s3cret-token"
+
+
+def config_for(packages: Packages, **fields: object) -> ServerConfig:
+    return ServerConfig(
+        grpc_port=0,
+        metrics_port=0,
+        model_root=str(CACHE),
+        models=(ModelConfig("demo", str(packages.demo)),),
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def test_management_calls_need_the_token(packages: Packages, tmp_path: pathlib.Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    server = Pt2Server(config_for(packages, management_token_file=str(token_file)))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            loader = pb_grpc.ModelLoaderStub(channel)
+            inference = pb_grpc.InferenceStub(channel)
+            load = pb.LoadModelRequest(name="two", package_path=str(packages.two_input))
+            await expect_error(
+                loader.LoadModel(load), grpc.StatusCode.UNAUTHENTICATED, "needs the management token"
+            )
+            wrong = (("authorization", "Bearer nope"),)
+            await expect_error(loader.LoadModel(load, metadata=wrong), grpc.StatusCode.UNAUTHENTICATED)
+            weights = pb.LoadConstantsRequest(
+                name="demo", constants={"hidden.weight": convert.tensor_to_pb(torch.zeros(32, 16))}
+            )
+            await expect_error(loader.LoadConstants(iter([weights])), grpc.StatusCode.UNAUTHENTICATED)
+            unload = channel.unary_unary(
+                "/inference.GRPCInferenceService/RepositoryModelUnload",
+                request_serializer=v2.RepositoryModelUnloadRequest.SerializeToString,
+                response_deserializer=v2.RepositoryModelUnloadResponse.FromString,
+            )
+            await expect_error(
+                unload(v2.RepositoryModelUnloadRequest(model_name="demo")), grpc.StatusCode.UNAUTHENTICATED
+            )
+            # Inference and read-only inspection stay open.
+            x = torch.randn(2, 16)
+            response = await inference.Run(run_request("demo", x=x))
+            torch.testing.assert_close(outputs_of(response)["logits"], demo_model()(x))
+            assert len((await loader.ListModels(pb.ListModelsRequest())).models) == 1
+            good = (("authorization", f"Bearer {TOKEN}"),)
+            status = (await loader.LoadModel(load, metadata=good)).model
+            assert status.name == "two"
+            assert (
+                server.registry.get_sample_value(
+                    "grpc_server_handled_total",
+                    {
+                        "grpc_type": "unary",
+                        "grpc_service": "pt2serve.v1.ModelLoader",
+                        "grpc_method": "LoadModel",
+                        "grpc_code": "UNAUTHENTICATED",
+                    },
+                )
+                == 2
+            )
+
+        # The Python client and CLI send the token as call credentials.
+        def with_client() -> str:
+            with Pt2ServeClient(f"127.0.0.1:{server.port}", token=TOKEN) as client:
+                client.unload_model("two")
+                return client.list_models()[0].name
+
+        assert await asyncio.to_thread(with_client) == "demo"
+    finally:
+        await server.stop(0)
+
+
+async def test_tls_and_mutual_tls(packages: Packages, tmp_path: pathlib.Path) -> None:
+    certs = make_certs(tmp_path)
+    x = torch.randn(1, 16)
+    tls = Pt2Server(
+        config_for(packages, tls_cert_file=str(certs.server_cert), tls_key_file=str(certs.server_key))
+    )
+    await tls.start()
+    try:
+        target = f"127.0.0.1:{tls.port}"
+
+        def infer(**options: object) -> torch.Tensor:
+            with Pt2ServeClient(target, **options) as client:  # type: ignore[arg-type]
+                return client.infer("demo", {"x": x}, timeout_s=10)["logits"]
+
+        torch.testing.assert_close(
+            await asyncio.to_thread(infer, tls=True, ca_file=str(certs.ca)), demo_model()(x)
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            await asyncio.to_thread(infer)  # plain text against TLS
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        with pytest.raises(grpc.RpcError):
+            await asyncio.to_thread(infer, tls=True, ca_file=str(certs.other_ca))  # untrusted server
+    finally:
+        await tls.stop(0)
+
+    mutual = Pt2Server(
+        config_for(
+            packages,
+            tls_cert_file=str(certs.server_cert),
+            tls_key_file=str(certs.server_key),
+            tls_client_ca_file=str(certs.ca),
+        )
+    )
+    await mutual.start()
+    try:
+        target = f"127.0.0.1:{mutual.port}"
+
+        def infer_mutual(**options: object) -> torch.Tensor:
+            with Pt2ServeClient(target, tls=True, ca_file=str(certs.ca), **options) as client:  # type: ignore[arg-type]
+                return client.infer("demo", {"x": x}, timeout_s=10)["logits"]
+
+        got = await asyncio.to_thread(
+            infer_mutual, cert_file=str(certs.client_cert), key_file=str(certs.client_key)
+        )
+        torch.testing.assert_close(got, demo_model()(x))
+        with pytest.raises(grpc.RpcError):
+            await asyncio.to_thread(infer_mutual)  # no client certificate
+    finally:
+        await mutual.stop(0)
+
+
+def test_tls_settings_must_be_complete(packages: Packages) -> None:
+    from loader.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="go together"):
+        config_for(packages, tls_cert_file="a.pem")
+    with pytest.raises(InvalidInput, match="mutual TLS"):
+        config_for(packages, tls_client_ca_file="ca.pem")
+
+
+async def test_package_paths_are_confined_to_the_model_root(running: Running, tmp_path: pathlib.Path) -> None:
+    outside = tmp_path / "evil.pt2"
+    outside.write_bytes(b"not a package")
+    link = CACHE / f"link-{tmp_path.name}.pt2"
+    link.symlink_to(outside)
+    try:
+        for path in (str(outside), "../../../../" + str(outside).lstrip("/"), link.name):
+            await expect_error(
+                running.loader.LoadModel(pb.LoadModelRequest(name="evil", package_path=path)),
+                grpc.StatusCode.PERMISSION_DENIED,
+                "outside the server's model root",
+            )
+            await expect_error(
+                running.loader.LoadMetadataFromPackage(pb.LoadMetadataFromPackageRequest(package_path=path)),
+                grpc.StatusCode.PERMISSION_DENIED,
+            )
+    finally:
+        link.unlink()
+
+
+async def test_tensor_and_chunk_limits(packages: Packages) -> None:
+    server = Pt2Server(config_for(packages, max_tensor_bytes=1024))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            inference = pb_grpc.InferenceStub(channel)
+            loader = pb_grpc.ModelLoaderStub(channel)
+            await expect_error(
+                inference.Run(run_request("demo", x=torch.randn(17, 16))),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "inputs['x']: shape [17, 16] spans 1088 bytes, over the server's limit of 1024",
+            )
+            # A chunk header declaring a huge constant is refused before any allocation.
+            huge = pb.LoadConstantsRequest(name="demo", use_inactive=True)
+            huge.chunks.append(
+                pb.TensorChunk(fqn="hidden.weight", dtype=pb.FLOAT32, shape=[1 << 20, 1 << 20], data=b"\0")
+            )
+            await expect_error(
+                loader.LoadConstants(iter([huge])),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "over the server's limit",
+            )
+            response = await inference.Run(run_request("demo", x=torch.randn(2, 16)))
+            assert outputs_of(response)["logits"].shape == (2, 4)
+    finally:
+        await server.stop(0)
+
+
+async def test_a_vanished_stream_client_leaves_no_queued_work(running: Running) -> None:
+    scheduler = running.server.manager.get("demo").scheduler
+    gate = threading.Event()
+    hold = asyncio.ensure_future(scheduler.exclusive(lambda: gate.wait(30), bump_version=False))
+    try:
+
+        async def requests() -> AsyncIterator[pb.RunRequest]:
+            for i in range(20):
+                yield run_request("demo", f"r{i}", x=torch.randn(1, 16))
+            await asyncio.Event().wait()  # keep the stream open, like a live client
+
+        call = running.inference.RunStream(requests())
+        reader = asyncio.ensure_future(call.read())
+        for _ in range(500):
+            if scheduler.queue_depth == 20:
+                break
+            await asyncio.sleep(0.01)
+        assert scheduler.queue_depth == 20
+        call.cancel()
+        for _ in range(500):
+            if scheduler.queue_depth == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert scheduler.queue_depth == 0
+        reader.cancel()
+    finally:
+        gate.set()
+        await hold
+    assert scheduler.stats.requests == 0  # none of them ever ran
+    cancelled = running.server.registry.get_sample_value(
+        "pt2serve_inference_cancelled_requests_total", {"model": "demo"}
+    )
+    assert cancelled == 20
