@@ -165,6 +165,10 @@ def fit_batching(schema: ModelSchema, given: BatchingConfig | None) -> BatchingC
 class ModelManager:
     def __init__(self, telemetry: Telemetry | None = None) -> None:
         self.telemetry: Telemetry = telemetry or NoTelemetry()
+        # Requests queued, and of those: answered (any outcome) and answered OK.
+        self.accepted = 0
+        self.answered = 0
+        self.succeeded = 0
         self._models: dict[str, LoadedModel] = {}
         self._loading: set[str] = set()
         self._closing = False
@@ -301,6 +305,7 @@ class ModelManager:
         except Pt2ServeError as exc:
             self.note_rejected(name, exc)
             raise
+        self.accepted += 1
         future.add_done_callback(functools.partial(self._request_done, name, started))
         return PendingInference(name, future, schema.output_names, frozenset(output_names))
 
@@ -314,6 +319,9 @@ class ModelManager:
 
     def _request_done(self, name: str, started: float, future: asyncio.Future[RunResult]) -> None:
         elapsed = time.monotonic() - started
+        self.answered += 1
+        if not future.cancelled() and future.exception() is None:
+            self.succeeded += 1
         if future.cancelled():
             self.telemetry.request_cancelled(name, elapsed)
             return

@@ -122,7 +122,13 @@ class Pt2Server:
         await self.manager.close(grace)
         if self._server is not None:
             await self._server.stop(grace)
-        log.info("stopped")
+        manager = self.manager
+        log.info(
+            "stopped: %d requests accepted, %d answered, %d succeeded",
+            manager.accepted,
+            manager.answered,
+            manager.succeeded,
+        )
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
