@@ -420,10 +420,14 @@ def plot(samples: list[Sample], ceilings: dict[str, float], path: pathlib.Path) 
                 if points:
                     xs, ys = zip(*points, strict=True)
                     ax.plot(xs, ys, style, marker="o", label=f"{server} ({mode})")
-        if model in ceilings:
+        highest = max((s.throughput for s in samples if s.model == model), default=0.0)
+        if model in ceilings and ceilings[model] <= 3 * highest:
             ax.axhline(ceilings[model], color="grey", linestyle=":", label="in-process ceiling (rows/s)")
+        elif model in ceilings:
+            ax.set_title(f"{model} (in-process ceiling {ceilings[model]:,.0f} rows/s, off scale)")
         ax.set_xscale("log", base=2)
-        ax.set_title(model)
+        if not ax.get_title():
+            ax.set_title(model)
         ax.set_xlabel("requests in flight")
         ax.set_ylabel("requests/s (1 row each)")
         ax.grid(True, alpha=0.3)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -316,7 +316,3 @@ def _unquote(value: str) -> str:
 def _int_list(value: str) -> tuple[int, ...]:
     inner = value.strip().lstrip("{").rstrip("}")
     return tuple(int(v.strip().rstrip("L")) for v in inner.split(",") if v.strip())
-
-
-def describe_inputs(schema: ModelSchema) -> Sequence[str]:
-    return [s.describe() for s in schema.inputs]

@@ -107,6 +107,7 @@ class RunnerSlot:
     capacity: int = 1
     in_flight: int = 0
     label: str = ""
+    batches: int = 0
 
 
 @dataclass(slots=True)
@@ -487,6 +488,7 @@ class ModelScheduler:
         self.stats.rows += rows
         self.stats.batch_sizes[rows] += 1
         slot.in_flight -= 1
+        slot.batches += 1
         self._in_flight -= 1
         if self._in_flight == 0:
             self._idle.set()

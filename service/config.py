@@ -44,9 +44,11 @@ class ServerConfig:
     max_connection_age_s: float = 0.0
     max_connection_age_grace_s: float = 30.0
     # Limits, each refused with a clear status: one tensor's bytes (inputs and
-    # constants), concurrent calls per client connection.
+    # constants), concurrent calls per client connection (0: gRPC's default, no limit;
+    # calls beyond a limit are refused with UNAVAILABLE, so size it above the
+    # concurrency of your largest client).
     max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
-    max_concurrent_streams: int = 100
+    max_concurrent_streams: int = 0
     # Security: the management token (file, else $PT2SERVE_MANAGEMENT_TOKEN) and TLS.
     # With tls_client_ca_file, clients must present a certificate it signed (mTLS).
     management_token_file: str | None = None
@@ -60,8 +62,8 @@ class ServerConfig:
             raise InvalidInput("tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise InvalidInput("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
-        if self.max_tensor_bytes < 1 or self.max_concurrent_streams < 1:
-            raise InvalidInput("max_tensor_mb and max_concurrent_streams must be positive")
+        if self.max_tensor_bytes < 1 or self.max_concurrent_streams < 0:
+            raise InvalidInput("max_tensor_mb must be positive and max_concurrent_streams not negative")
 
     def resolve(self, path: str) -> str:
         """A path the operator gave (flags, config): relative ones join model_root."""
@@ -130,7 +132,7 @@ def load_config(path: str | os.PathLike[str]) -> ServerConfig:
         max_connection_age_s=float(server.get("max_connection_age_s", 0.0)),
         max_connection_age_grace_s=float(server.get("max_connection_age_grace_s", 30.0)),
         max_tensor_bytes=int(server.get("max_tensor_mb", DEFAULT_MAX_TENSOR_BYTES >> 20)) << 20,
-        max_concurrent_streams=int(server.get("max_concurrent_streams", 100)),
+        max_concurrent_streams=int(server.get("max_concurrent_streams", 0)),
         management_token_file=_path(file, server.get("management_token_file")),
         tls_cert_file=_path(file, server.get("tls_cert_file")),
         tls_key_file=_path(file, server.get("tls_key_file")),

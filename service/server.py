@@ -52,7 +52,8 @@ class Pt2Server:
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
         ]
-        options.append(("grpc.max_concurrent_streams", cfg.max_concurrent_streams))
+        if cfg.max_concurrent_streams > 0:
+            options.append(("grpc.max_concurrent_streams", cfg.max_concurrent_streams))
         if cfg.max_connection_age_s > 0:
             options += [
                 ("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),

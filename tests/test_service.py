@@ -505,3 +505,38 @@ async def test_ordered_stream_answers_in_request_order(running: Running) -> None
     call = running.inference.RunStream(requests(), metadata=(("pt2serve-ordered", "true"),))
     ids = [r.request_id async for r in call]
     assert ids == [f"r{i}" for i in range(11)] + ["bad"] + [f"r{i}" for i in range(11, 30)]
+
+
+async def test_a_model_bound_twice_spreads_batches_and_updates_both(
+    running: Running, packages: Packages
+) -> None:
+    """Two device bindings (both the CPU here): batches go to both, and a constant
+    update reaches both or neither."""
+    status = (
+        await running.loader.LoadModel(
+            pb.LoadModelRequest(name="pair", package_path=str(packages.demo), device_indices=[-1, -1])
+        )
+    ).model
+    assert list(status.device_indices) == [-1, -1]
+    model = running.server.manager.get("pair")
+    assert len(model.bindings) == 2
+    eager = demo_model()
+    slots = model.scheduler._slots
+    for _ in range(20):  # bursts until both bindings have run batches
+        xs = [torch.randn(1 + i % 2, 16) for i in range(40)]
+        responses = await asyncio.gather(*(running.inference.Run(run_request("pair", x=x)) for x in xs))
+        for x, response in zip(xs, responses, strict=True):
+            torch.testing.assert_close(outputs_of(response)["logits"], eager(x))
+        if all(slot.batches for slot in slots):
+            break
+    assert all(slot.batches for slot in slots), [slot.batches for slot in slots]
+    assert sum(slot.batches for slot in slots) == model.scheduler.stats.batches
+    weight = torch.zeros(32, 16)
+    await running.load_constants(
+        pb.LoadConstantsRequest(name="pair", constants={"hidden.weight": convert.tensor_to_pb(weight)})
+    )
+    with torch.no_grad():
+        eager.hidden.weight.zero_()
+    x = torch.randn(1, 16)
+    for binding in model.bindings:
+        torch.testing.assert_close(binding.run([x.clone()])[0], eager(x))
