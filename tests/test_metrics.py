@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import pathlib
-import shutil
 import socket
 import subprocess
 import time
@@ -23,17 +21,8 @@ from loader.errors import ErrorKind
 from service import convert
 from service.metrics import Metrics, start_metrics_server
 from service.pb import pt2serve_pb2 as pb
-from tests.conftest import Running
+from tests.conftest import Running, require_tool
 from tests.test_service import expect_error, run_request
-
-
-def require_binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is missing in CI: .ci/run installs Debian's prometheus package")
-        pytest.skip(f"{name} not installed (apt-get install prometheus); CI always runs this test")
-    return path
 
 
 def test_metrics_record_into_a_fresh_registry() -> None:
@@ -125,7 +114,7 @@ async def test_stream_messages_are_counted(running: Running) -> None:
 
 
 async def test_promtool_accepts_the_exposition(running: Running, tmp_path: pathlib.Path) -> None:
-    promtool = require_binary("promtool")
+    promtool = require_tool("promtool")
     await produce_traffic(running)
     exposition = generate_latest(running.server.registry)
     result = await asyncio.to_thread(
@@ -149,7 +138,7 @@ def prometheus_query(port: int, query: str) -> float | None:
 
 
 async def test_real_prometheus_scrapes_the_server(running: Running, tmp_path: pathlib.Path) -> None:
-    prometheus = require_binary("prometheus")
+    prometheus = require_tool("prometheus")
     endpoint = start_metrics_server("127.0.0.1", 0, running.server.registry)
     web_port = free_port()
     (tmp_path / "prometheus.yml").write_text(
