@@ -514,7 +514,8 @@ class ConstantUpload:
         self._full = full
         self._user_managed = user_managed
         self._label = label
-        self._collected: dict[str, torch.Tensor] = {}
+        # Served updates: each binding's validated, device-resident tensors, applied at commit.
+        self._collected: list[dict[str, torch.Tensor]] = [{} for _ in model.bindings]
         self._seen: set[str] = set()
         self._started = time.monotonic()
         self._locked = False
@@ -549,7 +550,8 @@ class ConstantUpload:
             package.validate_constants(moved, by_fqn=self._by_fqn, full=False)
         self._seen.add(key)
         if not self._use_inactive:
-            self._collected[key] = tensor
+            for collected, (_, moved) in zip(self._collected, per_binding, strict=True):
+                collected.update(moved)
             return
         # The inactive buffer is not read by running batches: no pause needed.
         await asyncio.to_thread(self._apply, per_binding, True)
@@ -568,13 +570,12 @@ class ConstantUpload:
         if self._use_inactive:
             model.staged_label = self._label
         else:
-            per_binding = self._on_each_device(self._collected)
-            for package, moved in per_binding:
-                package.validate_constants(moved, by_fqn=self._by_fqn, full=self._full)
+            # Each constant was validated on every binding as it arrived.
+            per_binding = list(zip(model.bindings, self._collected, strict=True))
             await model.scheduler.exclusive(lambda: self._apply(per_binding, False), bump_version=True)
             model.constants_label = self._label
             model.constants_updated_at = time.time()
-            self._collected.clear()
+            self._collected = [{} for _ in model.bindings]
         self._report(True)
         return ConstantUpdateResult(model.constants_version, model.constants_label, len(self._seen))
 

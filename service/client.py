@@ -89,9 +89,6 @@ class Pt2ServeClient:
         response = self.inference.Run(request, timeout=timeout_s)
         return decode_outputs(response)
 
-    def infer_stream(self, requests: Iterable[pb.RunRequest]) -> Iterator[pb.RunStreamResponse]:
-        return iter(self.inference.RunStream(iter(requests)))
-
     def list_models(self) -> list[pb.ModelStatus]:
         return list(self.loader.ListModels(pb.ListModelsRequest()).models)
 
