@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +19,12 @@ import grpc
 import torch
 
 from service import convert
-from service.config import DEFAULT_GIL_SWITCH_INTERVAL_US, DEFAULT_MAX_MESSAGE_BYTES
+from service.cli import tune_process
+from service.config import (
+    DEFAULT_GC_GEN0_THRESHOLD,
+    DEFAULT_GIL_SWITCH_INTERVAL_US,
+    DEFAULT_MAX_MESSAGE_BYTES,
+)
 from service.errors import DomainErrorInterceptor
 from service.pb import pt2serve_pb2 as pb
 from service.pb import pt2serve_pb2_grpc as pb_grpc
@@ -57,6 +61,7 @@ async def serve(port: int, output_width: int) -> None:
     pb_grpc.add_InferenceServicer_to_server(NullInference(output_width), server)  # type: ignore[no-untyped-call]
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
+    tune_process(DEFAULT_GIL_SWITCH_INTERVAL_US, DEFAULT_GC_GEN0_THRESHOLD)  # as `pt2serve serve`
     print(f"null server listening on 127.0.0.1:{bound}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -67,8 +72,6 @@ async def serve(port: int, output_width: int) -> None:
 
 
 def main() -> None:
-    # The same process setting as `pt2serve serve` (see ServerConfig.gil_switch_interval_us).
-    sys.setswitchinterval(DEFAULT_GIL_SWITCH_INTERVAL_US / 1e6)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--output-width", type=int, required=True)

@@ -186,11 +186,14 @@ def _check_tensor(spec: TensorSpec, tensor: torch.Tensor, batch_dim: Dim | None)
         return
     shape = tuple(tensor.shape)
     dims = spec.dims if batch_dim is None or not spec.dims else (batch_dim, *spec.dims[1:])
-    expected = "[" + ", ".join(d.describe() for d in dims) + "]"
+
+    def expected() -> str:  # only for messages: this runs for every request
+        return "[" + ", ".join(d.describe() for d in dims) + "]"
+
     if len(shape) != len(dims):
         raise InvalidInput(
             f"input {spec.name!r}: rank {len(shape)} (shape {list(shape)}), "
-            f"expected rank {len(dims)} (shape {expected})"
+            f"expected rank {len(dims)} (shape {expected()})"
         )
     for i, (value, dim) in enumerate(zip(shape, dims, strict=True)):
         if i == 0 and batch_dim is not None and batch_dim.max is not None and value > batch_dim.max:
@@ -200,7 +203,7 @@ def _check_tensor(spec: TensorSpec, tensor: torch.Tensor, batch_dim: Dim | None)
         if not dim.admits(value):
             raise InvalidInput(
                 f"input {spec.name!r}: dim {i} is {value}, expected {dim.describe()} "
-                f"(shape {list(shape)}, expected {expected})"
+                f"(shape {list(shape)}, expected {expected()})"
             )
 
 

@@ -97,6 +97,7 @@ class PendingRequest:
     future: asyncio.Future[RunResult]
     enqueued_at: float
     state: _State = _State.QUEUED
+    on_done: Callable[[asyncio.Future[RunResult]], None] | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -176,7 +177,8 @@ class ModelScheduler:
         self._exclusive_lock = asyncio.Lock()
         self._closing = False
         self._timer: asyncio.TimerHandle | None = None
-        self._workers = WorkerPool(sum(s.capacity for s in self._slots), f"pt2serve-{name}")
+        self._capacity = sum(s.capacity for s in self._slots)
+        self._workers = WorkerPool(self._capacity, f"pt2serve-{name}")
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -229,6 +231,7 @@ class ModelScheduler:
         priority: int = 0,
         timeout_s: float | None = None,
         deadline: float | None = None,
+        on_done: Callable[[asyncio.Future[RunResult]], None] | None = None,
     ) -> asyncio.Future[RunResult]:
         """Queue validated inputs (call order); the future resolves with their outputs.
 
@@ -236,6 +239,8 @@ class ModelScheduler:
         `timeout_s` (or the model's default timeout) can only shorten it.
         Cancelling the future withdraws a request that has not started running.
         Raises at once (nothing queued) when the request cannot be accepted.
+        `on_done(future)` runs on the loop once the future is done: the same as a
+        done-callback, but without scheduling a second callback per request.
         """
         if self._closing:
             raise Unavailable(f"model {self.name!r} is shutting down")
@@ -270,8 +275,11 @@ class ModelScheduler:
                 )
                 for start in range(0, rows, step)
             ]
-            return asyncio.ensure_future(self._reassemble(parts))
-        return self._enqueue_one(inputs, rows, priority, deadline, now)
+            whole = asyncio.ensure_future(self._reassemble(parts))
+            if on_done is not None:
+                whole.add_done_callback(on_done)
+            return whole
+        return self._enqueue_one(inputs, rows, priority, deadline, now, on_done)
 
     @staticmethod
     async def _reassemble(parts: list[asyncio.Future[RunResult]]) -> RunResult:
@@ -285,7 +293,13 @@ class ModelScheduler:
         return RunResult(outputs, max(r.constants_version for r in results))
 
     def _enqueue_one(
-        self, inputs: list[torch.Tensor], rows: int, priority: int, deadline: float | None, now: float
+        self,
+        inputs: list[torch.Tensor],
+        rows: int,
+        priority: int,
+        deadline: float | None,
+        now: float,
+        on_done: Callable[[asyncio.Future[RunResult]], None] | None = None,
     ) -> asyncio.Future[RunResult]:
         if self._queued >= self.config.max_queue_size:
             raise Overloaded(
@@ -296,7 +310,7 @@ class ModelScheduler:
         bucket = tuple((tuple(t.shape[1:]) if self.batched else tuple(t.shape), t.dtype) for t in inputs)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[RunResult] = loop.create_future()
-        req = PendingRequest(inputs, rows, bucket, priority, deadline, future, now)
+        req = PendingRequest(inputs, rows, bucket, priority, deadline, future, now, on_done=on_done)
         self._queues[priority].append(req)
         self._queued += 1
         timer = None if deadline is None else loop.call_later(deadline - now, self._expire, req)
@@ -313,6 +327,8 @@ class ModelScheduler:
             # The caller went away (cancelled RPC, closed stream): a queued request
             # is withdrawn and never runs; a running one finishes for its batch.
             self._withdraw(req, None)
+        if req.on_done is not None:
+            req.on_done(future)
 
     def _expire(self, req: PendingRequest) -> None:
         if req.state is _State.QUEUED:
@@ -336,7 +352,8 @@ class ModelScheduler:
     # -------------------------------------------------------------- dispatch
     def _pump(self) -> None:
         """Start batches while a runner is idle and work is ready."""
-        while not self._paused:
+        # Every request calls this; while all runners are busy it must cost nothing.
+        while not self._paused and self._in_flight < self._capacity:
             slot = self._idle_slot()
             if slot is None:
                 return

@@ -9,10 +9,9 @@ spreads batches over all of them.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -282,11 +281,15 @@ class ModelManager:
         timeout_s: float | None = None,
         deadline: float | None = None,
         output_names: Sequence[str] = (),
+        on_done: Callable[[PendingInference], None] | None = None,
     ) -> PendingInference:
         """Validate and queue a request without waiting (streams use this).
 
         Raises at once for a request that cannot be accepted; cancelling the
-        returned future withdraws it if it has not started running.
+        returned future withdraws it if it has not started running. `on_done`, if
+        given, is called on the loop once the future is done (also when cancelled),
+        after the request is counted: one callback instead of a second one on the
+        future, which matters at thousands of requests a second.
         """
         started = time.monotonic()
         try:
@@ -299,15 +302,24 @@ class ModelManager:
                     f"{', '.join(schema.output_names)}"
                 )
             ordered = schema.validate(inputs, row_limit=model.scheduler.config.row_limit)
+            pending: PendingInference | None = None
+
+            def done(future: asyncio.Future[RunResult]) -> None:
+                try:
+                    self._count_answer(name, started, future)
+                finally:
+                    if on_done is not None and pending is not None:
+                        on_done(pending)
+
             future = model.scheduler.enqueue(
-                ordered, priority=priority, timeout_s=timeout_s, deadline=deadline
+                ordered, priority=priority, timeout_s=timeout_s, deadline=deadline, on_done=done
             )
         except Pt2ServeError as exc:
             self.note_rejected(name, exc)
             raise
         self.accepted += 1
-        future.add_done_callback(functools.partial(self._request_done, name, started))
-        return PendingInference(name, future, schema.output_names, frozenset(output_names))
+        pending = PendingInference(name, future, schema.output_names, frozenset(output_names))
+        return pending
 
     def note_rejected(self, name: str, error: Pt2ServeError) -> None:
         """Count a request refused before it was queued (also by the wire layer)."""
@@ -317,7 +329,7 @@ class ModelManager:
         # Only loaded models get their own series: clients cannot mint labels.
         return name if name in self._models else UNKNOWN_MODEL_LABEL
 
-    def _request_done(self, name: str, started: float, future: asyncio.Future[RunResult]) -> None:
+    def _count_answer(self, name: str, started: float, future: asyncio.Future[RunResult]) -> None:
         elapsed = time.monotonic() - started
         self.answered += 1
         if not future.cancelled() and future.exception() is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import pathlib
 import signal
@@ -201,9 +202,18 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def tune_process(gil_switch_interval_us: int, gc_gen0_threshold: int) -> None:
+    """The process settings of a serving process (see ServerConfig); call once the
+    long-lived objects (models, server) exist."""
+    if gil_switch_interval_us > 0:
+        sys.setswitchinterval(gil_switch_interval_us / 1e6)
+    if gc_gen0_threshold > 0:
+        gc.freeze()
+        _, gen1, gen2 = gc.get_threshold()
+        gc.set_threshold(gc_gen0_threshold, gen1, gen2)
+
+
 async def _run_server(config: ServerConfig) -> None:
-    if config.gil_switch_interval_us > 0:
-        sys.setswitchinterval(config.gil_switch_interval_us / 1e6)
     from service.metrics import start_metrics_server
     from service.server import Pt2Server
 
@@ -218,6 +228,7 @@ async def _run_server(config: ServerConfig) -> None:
         log.info("metrics on http://%s:%d/metrics", config.host, metrics.port)
     try:
         await server.start()
+        tune_process(config.gil_switch_interval_us, config.gc_gen0_threshold)
         log.info("ready: %d model(s): %s", len(config.models), ", ".join(m.name for m in config.models))
         await stop.wait()
         log.info("shutting down: draining for up to %.0fs", config.drain_grace_s)

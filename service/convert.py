@@ -34,6 +34,21 @@ _FROM_PB: dict[pb.DType, str] = {v: k for k, v in _TO_PB.items()}
 _ITEMSIZE: dict[str, int] = {
     name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()
 }
+# Wire bytes are decoded with numpy, not torch ops: every torch op releases and
+# re-takes the GIL, and with a runner thread waiting for it that is a thread switch
+# per request on the event loop. numpy has no bfloat16: its bits travel as int16.
+_NUMPY: dict[str, type[np.generic]] = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": np.int16,
+    "float64": np.float64,
+    "int8": np.int8,
+    "int16": np.int16,
+    "int32": np.int32,
+    "int64": np.int64,
+    "uint8": np.uint8,
+    "bool": np.bool_,
+}
 
 
 # Above this many bytes a declared shape is refused even when it has no elements:
@@ -78,14 +93,16 @@ def tensor_from_pb(msg: pb.Tensor, field: str, max_bytes: int | None = None) -> 
         return torch.empty(shape, dtype=dtype)
     # bytearray copies once: the tensor must own writable memory (the runtime
     # may write into its inputs).
-    return torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(shape)
+    tensor = torch.from_numpy(np.frombuffer(bytearray(msg.data), dtype=_NUMPY[name]).reshape(shape))
+    return tensor.view(torch.bfloat16) if name == "bfloat16" else tensor
 
 
 def tensor_to_pb(tensor: torch.Tensor) -> pb.Tensor:
     name = DTYPE_NAMES.get(tensor.dtype)
     if name is None:
         raise InvalidInput(f"dtype {tensor.dtype} cannot be sent")
-    tensor = tensor.detach().cpu()
+    if tensor.requires_grad or tensor.device.type != "cpu":  # no torch op otherwise (see _NUMPY)
+        tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: send its bits
         tensor = tensor.view(torch.int16)
     # numpy's tobytes writes row-major order whatever the strides.

@@ -62,6 +62,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._children: dict[tuple[Any, ...], Any] = {}
         r = registry
         self.requests = Counter(
             "pt2serve_inference_requests",
@@ -133,6 +134,15 @@ class Metrics:
         )
 
     # Telemetry ------------------------------------------------------------
+    # These run for every request on the event loop; `labels()` is a locked dict
+    # lookup, so each label set's child is looked up once and kept.
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def batch_finished(
         self,
         model: str,
@@ -142,19 +152,19 @@ class Metrics:
         compute_seconds: float,
         ok: bool,
     ) -> None:
-        queue = self.queue_seconds.labels(model)
+        queue = self._child(self.queue_seconds, model)
         for wait in queue_waits:
             queue.observe(wait)
-        self.compute_seconds.labels(model, device).observe(compute_seconds)
-        self.batches.labels(model, device, "success" if ok else "failure").inc()
+        self._child(self.compute_seconds, model, device).observe(compute_seconds)
+        self._child(self.batches, model, device, "success" if ok else "failure").inc()
         if ok:
-            self.batch_rows.labels(model).observe(rows)
-            self.rows.labels(model).inc(rows)
+            self._child(self.batch_rows, model).observe(rows)
+            self._child(self.rows, model).inc(rows)
 
     def request_finished(self, model: str, outcome: ErrorKind | None, seconds: float) -> None:
-        self.requests.labels(model, grpc_code_name(outcome)).inc()
+        self._child(self.requests, model, grpc_code_name(outcome)).inc()
         if outcome is None:
-            self.request_seconds.labels(model).observe(seconds)
+            self._child(self.request_seconds, model).observe(seconds)
 
     def request_cancelled(self, model: str, seconds: float) -> None:
         self.cancelled.labels(model).inc()
@@ -263,6 +273,9 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
         streaming_response = attr in ("unary_stream", "stream_stream")
         streaming_request = attr in ("stream_unary", "stream_stream")
         metrics = self
+        # Per-message counters, looked up once per call rather than per message.
+        received = metrics.received.labels(*labels)
+        sent = metrics.sent.labels(*labels)
 
         def finish(started: float, code: grpc.StatusCode) -> None:
             metrics.handled.labels(*labels, code.name).inc()
@@ -270,12 +283,12 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
 
         def count_requests(request: Any) -> Any:
             if not streaming_request:
-                metrics.received.labels(*labels).inc()
+                received.inc()
                 return request
 
             async def counted() -> AsyncIterator[Any]:
                 async for item in request:
-                    metrics.received.labels(*labels).inc()
+                    received.inc()
                     yield item
 
             return counted()
@@ -287,7 +300,7 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
                 metrics.started.labels(*labels).inc()
                 try:
                     async for item in inner(count_requests(request), context):
-                        metrics.sent.labels(*labels).inc()
+                        sent.inc()
                         yield item
                 except BaseException as exc:
                     finish(started, _status_of(exc, context))
@@ -304,7 +317,7 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
             except BaseException as exc:
                 finish(started, _status_of(exc, context))
                 raise
-            metrics.sent.labels(*labels).inc()
+            sent.inc()
             finish(started, context.code() or grpc.StatusCode.OK)
             return response
 

@@ -12,7 +12,7 @@ import collections
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -199,7 +199,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._max_tensor_bytes = max_tensor_bytes
         self._manager = manager
 
-    def _submit(self, request: pb.RunRequest, context: Context) -> PendingInference:
+    def _submit(
+        self,
+        request: pb.RunRequest,
+        context: Context,
+        on_done: Callable[[PendingInference], None] | None = None,
+    ) -> PendingInference:
         try:
             inputs = convert.tensors_from_pb(request.inputs, "inputs", self._max_tensor_bytes)
         except Pt2ServeError as exc:
@@ -213,6 +218,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             timeout_s=request.timeout_us / 1e6 if request.timeout_us else None,
             deadline=None if remaining is None else time.monotonic() + remaining,
             output_names=list(request.output_names),
+            on_done=on_done,
         )
 
     async def Run(self, request: pb.RunRequest, context: Context) -> pb.RunResponse:
@@ -242,11 +248,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 error = pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message=f"internal error: {exc}")
             answers.fill(slot, pb.RunStreamResponse(request_id=request.request_id, error=error))
 
-        def settled(
-            request: pb.RunRequest, submitted: PendingInference, slot: _Slot, future: asyncio.Future[Any]
-        ) -> None:
-            pending.discard(future)
-            if not future.cancelled():
+        def settled(request: pb.RunRequest, slot: _Slot, submitted: PendingInference) -> None:
+            pending.discard(submitted.future)
+            if not submitted.future.cancelled():
                 answer(request, submitted, slot)
 
         async def read() -> None:
@@ -254,12 +258,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 async for request in request_iterator:
                     slot = answers.reserve()
                     try:
-                        submitted = self._submit(request, context)
+                        submitted = self._submit(request, context, functools.partial(settled, request, slot))
                     except Exception as exc:
                         answer(request, exc, slot)
                         continue
                     pending.add(submitted.future)
-                    submitted.future.add_done_callback(functools.partial(settled, request, submitted, slot))
                 if pending:
                     await asyncio.wait(list(pending))
             finally:
@@ -267,8 +270,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
         reader = asyncio.create_task(read())
         try:
-            while (item := await answers.queue.get()) is not None:
-                yield item
+            while (batch := await answers.take()) is not None:
+                for item in batch:
+                    yield item
             await reader
         finally:
             # The client went away or the call was cancelled: withdraw its queued work.
@@ -297,10 +301,16 @@ class _Slot:
 
 
 class _StreamAnswers:
-    """A stream's responses: sent as they complete, or held back to request order."""
+    """A stream's responses: sent as they complete, or held back to request order.
+
+    Filled by callbacks on the loop and drained by the stream's writer, which takes
+    everything ready at once: one wake-up of the writer per burst, not per answer.
+    """
 
     def __init__(self, ordered: bool) -> None:
-        self.queue: asyncio.Queue[pb.RunStreamResponse | None] = asyncio.Queue()
+        self._ready: list[pb.RunStreamResponse] = []
+        self._closed = False
+        self._wakeup: asyncio.Future[None] | None = None
         self._ordered = ordered
         self._waiting: collections.deque[_Slot] = collections.deque()
 
@@ -312,14 +322,31 @@ class _StreamAnswers:
 
     def fill(self, slot: _Slot, response: pb.RunStreamResponse) -> None:
         if not self._ordered:
-            self.queue.put_nowait(response)
-            return
-        slot.response = response
-        while self._waiting and self._waiting[0].response is not None:
-            self.queue.put_nowait(self._waiting.popleft().response)
+            self._ready.append(response)
+        else:
+            slot.response = response
+            while self._waiting and self._waiting[0].response is not None:
+                self._ready.append(self._waiting.popleft().response)  # type: ignore[arg-type]
+        if self._ready:
+            self._wake()
 
     def close(self) -> None:
-        self.queue.put_nowait(None)
+        self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def take(self) -> list[pb.RunStreamResponse] | None:
+        """Every response ready now (waiting for one); None once closed and drained."""
+        while not self._ready:
+            if self._closed:
+                return None
+            self._wakeup = asyncio.get_running_loop().create_future()
+            await self._wakeup
+        ready, self._ready = self._ready, []
+        return ready
 
 
 def _constant_response(
