@@ -10,7 +10,7 @@ it measures, at each concurrency, unary and streaming:
 
 Every request carries one row. Results go to docs/benchmarks.md and a PNG plot.
 
-    python -m bench.run                      # full run (~6 minutes on 2 cores)
+    python -m bench.run                      # full run (~7 minutes on 2 cores)
     python -m bench.run --quick              # a smoke run
 """
 
@@ -22,13 +22,14 @@ import dataclasses
 import os
 import pathlib
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import grpc
 import torch
@@ -221,47 +222,88 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
 
 
-def measure(
+def measure_once(
     model: BenchModel,
     server: str,
     target: str,
+    mode: str,
+    payloads: list[bytes],
+    concurrency: int,
+    warmup: float,
+    duration: float,
+) -> Sample:
+    before = model_counters(target, model.name)
+    throughput, latencies = asyncio.run(closed_loop(target, mode, payloads, concurrency, warmup, duration))
+    after = model_counters(target, model.name)
+    mean_batch = None
+    if before is not None and after is not None and after[0] > before[0]:
+        mean_batch = (after[1] - before[1]) / (after[0] - before[0])
+    return Sample(
+        model.name,
+        server,
+        mode,
+        concurrency,
+        throughput,
+        percentile(latencies, 0.5),
+        percentile(latencies, 0.9),
+        percentile(latencies, 0.99),
+        mean_batch,
+    )
+
+
+def median_sample(samples: list[Sample]) -> Sample:
+    """Each figure's median over rounds (the machine's noise comes in bursts)."""
+
+    def mid(values: list[float]) -> float:
+        return statistics.median(values)
+
+    batches = [s.mean_batch for s in samples if s.mean_batch is not None]
+    first = samples[0]
+    return dataclasses.replace(
+        first,
+        throughput=mid([s.throughput for s in samples]),
+        p50_ms=mid([s.p50_ms for s in samples]),
+        p90_ms=mid([s.p90_ms for s in samples]),
+        p99_ms=mid([s.p99_ms for s in samples]),
+        mean_batch=mid(batches) if batches else None,
+    )
+
+
+def measure(
+    model: BenchModel,
+    targets: dict[str, str],
     modes: list[str],
     concurrencies: list[int],
     warmup: float,
     duration: float,
+    rounds: int,
 ) -> list[Sample]:
+    """Every point on every server, the servers taking turns `rounds` times, so
+    the figures compared in a ratio were measured minutes apart at most."""
     samples = []
     for mode in modes:
-        if mode.startswith("v2") and server == "null":
-            continue  # the null server speaks only the native protocol
         payloads = [request_bytes(model, i, "v2" if mode.startswith("v2") else "native") for i in range(64)]
         for concurrency in concurrencies:
-            before = model_counters(target, model.name)
-            throughput, latencies = asyncio.run(
-                closed_loop(target, mode, payloads, concurrency, warmup, duration)
-            )
-            after = model_counters(target, model.name)
-            mean_batch = None
-            if before is not None and after is not None and after[0] > before[0]:
-                mean_batch = (after[1] - before[1]) / (after[0] - before[0])
-            sample = Sample(
-                model.name,
-                server,
-                mode,
-                concurrency,
-                throughput,
-                percentile(latencies, 0.5),
-                percentile(latencies, 0.9),
-                percentile(latencies, 0.99),
-                mean_batch,
-            )
-            print(
-                f"{model.name:5} {server:12} {mode:6} c={concurrency:<4} {throughput:8.0f} req/s  "
-                f"p50 {sample.p50_ms:6.2f} ms  p99 {sample.p99_ms:6.2f} ms  "
-                f"batch {'-' if mean_batch is None else f'{mean_batch:.1f}'}",
-                flush=True,
-            )
-            samples.append(sample)
+            taken: dict[str, list[Sample]] = {server: [] for server in targets}
+            for _ in range(rounds):
+                for server, target in targets.items():
+                    if mode.startswith("v2") and server == "null":
+                        continue  # the null server speaks only the native protocol
+                    taken[server].append(
+                        measure_once(model, server, target, mode, payloads, concurrency, warmup, duration)
+                    )
+            for server, runs in taken.items():
+                if not runs:
+                    continue
+                sample = median_sample(runs)
+                print(
+                    f"{model.name:5} {server:12} {mode:9} c={concurrency:<4} {sample.throughput:8.0f} req/s  "
+                    f"p50 {sample.p50_ms:6.2f} ms  p99 {sample.p99_ms:6.2f} ms  "
+                    f"batch {'-' if sample.mean_batch is None else f'{sample.mean_batch:.1f}'}  "
+                    f"(median of {len(runs)}: {', '.join(f'{r.throughput:.0f}' for r in runs)} req/s)",
+                    flush=True,
+                )
+                samples.append(sample)
     return samples
 
 
@@ -368,7 +410,8 @@ def write_report(
         f"- pt2serve: max_batch_size {MAX_BATCH}, max_queue_delay {args.queue_delay_ms} ms, "
         f"num_runners {args.runners}, "
         f"OMP_NUM_THREADS={args.omp_threads or 'unset'}; "
-        f"{args.warmup:.0f} s warm-up, {args.duration:.0f} s measured per point",
+        f"{args.warmup:g} s warm-up and {args.duration:g} s measured per sample; each point is the "
+        f"median of {args.rounds} samples, the three servers running side by side and taking turns",
         "- Models: `demo` (16→32→4 MLP, overhead-bound); `ffn` (two 512→2048→512 feed-forward "
         "blocks, 17 MB of weights, compute-bound)",
         "",
@@ -443,8 +486,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="short smoke run")
-    parser.add_argument("--duration", type=float, default=4.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--duration", type=float, default=2.0, help="seconds measured per sample")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="samples per point; the servers take turns, medians reported"
+    )
+    parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--concurrency", default="1,8,64,128")
     parser.add_argument("--modes", default="unary,stream")
     parser.add_argument("--models", default="demo,ffn")
@@ -463,7 +509,7 @@ def main() -> None:
         print(ceiling(model, int(runners), float(seconds)))
         return
     if args.quick:
-        args.duration, args.warmup, args.concurrency = 1.0, 0.3, "1,64"
+        args.duration, args.warmup, args.concurrency, args.rounds = 1.0, 0.3, "1,64", 1
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     modes = args.modes.split(",")
     env = dict(os.environ)
@@ -489,11 +535,14 @@ def main() -> None:
                 ),
                 ("no-batching", pt2serve_argv(model, 1, args.runners, config_dir), "ready:"),
             ]
-            for server, argv, ready in servers:
-                with server_process(argv, ready, env) as target:
-                    samples += measure(
-                        model, server, target, modes, concurrencies, args.warmup, args.duration
-                    )
+            with ExitStack() as stack:
+                targets = {
+                    server: stack.enter_context(server_process(argv, ready, env))
+                    for server, argv, ready in servers
+                }
+                samples += measure(
+                    model, targets, modes, concurrencies, args.warmup, args.duration, args.rounds
+                )
     verdicts = write_report(samples, ceilings, args, pathlib.Path(args.out))
     print("\n".join(verdicts))
 
