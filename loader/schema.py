@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 import torch
@@ -80,14 +81,37 @@ class ModelSchema:
     outputs: tuple[TensorSpec, ...]
     batched: bool
     source: str = "package"
+    # Derived once (validate runs for every request): each input's name, dtype and
+    # fixed non-batch dims, or None when some input is not fully known.
+    _fast: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...] | None = dataclass_field(
+        init=False, repr=False, compare=False, default=None
+    )
+    _names: tuple[tuple[str, ...], tuple[str, ...]] = dataclass_field(
+        init=False, repr=False, compare=False, default=((), ())
+    )
+    _rows: tuple[int, int | None] = dataclass_field(init=False, repr=False, compare=False, default=(0, None))
+
+    def __post_init__(self) -> None:
+        names = (tuple(s.name for s in self.inputs), tuple(s.name for s in self.outputs))
+        object.__setattr__(self, "_names", names)
+        object.__setattr__(self, "_rows", (self.min_rows, self.max_rows))
+        fast = []
+        for spec in self.inputs:
+            if spec.dtype is None or not spec.dims:
+                return
+            tail = spec.dims[1:] if self.batched else spec.dims
+            if any(d.size is None for d in tail):
+                return
+            fast.append((spec.name, DTYPES[spec.dtype], tuple(d.size for d in tail if d.size is not None)))
+        object.__setattr__(self, "_fast", tuple(fast))
 
     @property
     def input_names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.inputs)
+        return self._names[0]
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.outputs)
+        return self._names[1]
 
     @property
     def static_batch(self) -> int | None:
@@ -130,6 +154,9 @@ class ModelSchema:
         scheduler splits requests larger than one batch). Raises InvalidInput naming
         the offending input and what was expected.
         """
+        accepted = self._validate_fast(inputs, row_limit)
+        if accepted is not None:
+            return accepted
         batch_dim = None
         if self.batched:
             batch_dim = Dim(None, self.min_rows, self.max_rows if row_limit is None else row_limit)
@@ -151,6 +178,38 @@ class ModelSchema:
         if len(set(rows.values())) > 1:
             listed = ", ".join(f"{n} has {r}" for n, r in rows.items())
             raise InvalidInput(f"inputs disagree on the batch dimension (dim 0): {listed}")
+        return ordered
+
+    def _validate_fast(
+        self, inputs: Mapping[str, torch.Tensor], row_limit: int | None
+    ) -> list[torch.Tensor] | None:
+        """The common case in a few comparisons: every input present with its dtype
+        and fixed dims. None sends the request through the full check, which names
+        what is wrong (or accepts what this one cannot decide)."""
+        if self._fast is None or len(inputs) != len(self._fast):
+            return None
+        ordered = []
+        rows = None
+        for name, dtype, tail in self._fast:
+            tensor = inputs.get(name)
+            if tensor is None or tensor.dtype != dtype:
+                return None
+            shape = tensor.shape
+            if self.batched:
+                if len(shape) != len(tail) + 1 or shape[1:] != tail:
+                    return None
+                if rows is None:
+                    rows = shape[0]
+                elif shape[0] != rows:
+                    return None
+            elif shape != tail:
+                return None
+            ordered.append(tensor)
+        if rows is not None:
+            low, high = self._rows
+            limit = high if row_limit is None else row_limit
+            if rows < low or (limit is not None and rows > limit):
+                return None
         return ordered
 
     def to_json(self) -> str:

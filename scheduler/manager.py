@@ -85,8 +85,10 @@ class PendingInference:
                 f"model {self.model!r} returned {len(result.outputs)} outputs, "
                 f"its schema names {len(self.output_names)}"
             )
-        wanted = self.wanted or frozenset(self.output_names)
-        outputs = {n: t for n, t in zip(self.output_names, result.outputs, strict=True) if n in wanted}
+        if not self.wanted:
+            named = dict(zip(self.output_names, result.outputs, strict=True))
+            return InferenceResult(named, result.constants_version)
+        outputs = {n: t for n, t in zip(self.output_names, result.outputs, strict=True) if n in self.wanted}
         return InferenceResult(outputs, result.constants_version)
 
 
@@ -332,12 +334,12 @@ class ModelManager:
     def _count_answer(self, name: str, started: float, future: asyncio.Future[RunResult]) -> None:
         elapsed = time.monotonic() - started
         self.answered += 1
-        if not future.cancelled() and future.exception() is None:
-            self.succeeded += 1
         if future.cancelled():
             self.telemetry.request_cancelled(name, elapsed)
             return
         error = future.exception()
+        if error is None:
+            self.succeeded += 1
         model = self._models.get(name)
         if model is not None:
             if error is None:

@@ -98,6 +98,13 @@ def tensor_from_pb(msg: pb.Tensor, field: str, max_bytes: int | None = None) -> 
 
 
 def tensor_to_pb(tensor: torch.Tensor) -> pb.Tensor:
+    msg = pb.Tensor()
+    fill_tensor_pb(msg, tensor)
+    return msg
+
+
+def fill_tensor_pb(msg: pb.Tensor, tensor: torch.Tensor) -> None:
+    """Write `tensor` into an empty `msg` in place (no message copy)."""
     name = DTYPE_NAMES.get(tensor.dtype)
     if name is None:
         raise InvalidInput(f"dtype {tensor.dtype} cannot be sent")
@@ -106,7 +113,9 @@ def tensor_to_pb(tensor: torch.Tensor) -> pb.Tensor:
     if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: send its bits
         tensor = tensor.view(torch.int16)
     # numpy's tobytes writes row-major order whatever the strides.
-    return pb.Tensor(dtype=_TO_PB[name], shape=list(tensor.shape), data=tensor.numpy().tobytes())
+    msg.dtype = _TO_PB[name]
+    msg.shape.extend(tensor.shape)
+    msg.data = tensor.numpy().tobytes()
 
 
 def tensors_from_pb(

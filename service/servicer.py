@@ -238,8 +238,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             try:
                 if isinstance(outcome, Exception):
                     raise outcome
-                response = _response(request, outcome.result())
-                answers.fill(slot, pb.RunStreamResponse(request_id=request.request_id, response=response))
+                stream_response = pb.RunStreamResponse(request_id=request.request_id)
+                _fill_response(stream_response.response, request, outcome.result())
+                answers.fill(slot, stream_response)
                 return
             except Pt2ServeError as exc:
                 error = pb.Error(code=status_of(exc).value[0], message=str(exc))
@@ -361,9 +362,16 @@ def _constant_response(
 
 
 def _response(request: pb.RunRequest, result: InferenceResult) -> pb.RunResponse:
-    return pb.RunResponse(
-        model=request.model,
-        request_id=request.request_id,
-        outputs={name: convert.tensor_to_pb(t) for name, t in result.outputs.items()},
-        constants_version=result.constants_version,
-    )
+    response = pb.RunResponse()
+    _fill_response(response, request, result)
+    return response
+
+
+def _fill_response(response: pb.RunResponse, request: pb.RunRequest, result: InferenceResult) -> None:
+    """Write the answer into an empty `response` in place: building it inside its
+    stream message avoids copying every output (this runs for every request)."""
+    response.model = request.model
+    response.request_id = request.request_id
+    response.constants_version = result.constants_version
+    for name, tensor in result.outputs.items():
+        convert.fill_tensor_pb(response.outputs[name], tensor)
