@@ -82,18 +82,23 @@ def tensor_from_pb(msg: pb.Tensor, field: str, max_bytes: int | None = None) -> 
         label = pb.DType.Name(msg.dtype) if msg.dtype in pb.DType.values() else str(msg.dtype)
         raise InvalidInput(f"{field}: dtype {label} is not supported")
     shape = list(msg.shape)
-    dtype = DTYPES[name]
-    numel = check_shape(field, shape, _ITEMSIZE[name], max_bytes)
-    expected = numel * _ITEMSIZE[name]
-    if len(msg.data) != expected:
-        raise InvalidInput(
-            f"{field}: data has {len(msg.data)} bytes, shape {shape} of {name} needs {expected}"
-        )
+    data = msg.data  # each read of a bytes field is a copy: read it once
+    itemsize = _ITEMSIZE[name]
+    if shape and min(shape) <= 0:  # negative or empty dims: the careful check
+        numel = check_shape(field, shape, itemsize, max_bytes)
+    else:
+        numel = math.prod(shape)
+        limit = MAX_DECLARED_BYTES if max_bytes is None else min(max_bytes, MAX_DECLARED_BYTES)
+        if numel * itemsize > limit:
+            check_shape(field, shape, itemsize, max_bytes)  # raises, naming the limit
+    expected = numel * itemsize
+    if len(data) != expected:
+        raise InvalidInput(f"{field}: data has {len(data)} bytes, shape {shape} of {name} needs {expected}")
     if numel == 0:
-        return torch.empty(shape, dtype=dtype)
+        return torch.empty(shape, dtype=DTYPES[name])
     # bytearray copies once: the tensor must own writable memory (the runtime
     # may write into its inputs).
-    tensor = torch.from_numpy(np.frombuffer(bytearray(msg.data), dtype=_NUMPY[name]).reshape(shape))
+    tensor = torch.from_numpy(np.frombuffer(bytearray(data), dtype=_NUMPY[name]).reshape(shape))
     return tensor.view(torch.bfloat16) if name == "bfloat16" else tensor
 
 
@@ -108,9 +113,9 @@ def fill_tensor_pb(msg: pb.Tensor, tensor: torch.Tensor) -> None:
     name = DTYPE_NAMES.get(tensor.dtype)
     if name is None:
         raise InvalidInput(f"dtype {tensor.dtype} cannot be sent")
-    if tensor.requires_grad or tensor.device.type != "cpu":  # no torch op otherwise (see _NUMPY)
+    if tensor.requires_grad or not tensor.is_cpu:  # no torch op otherwise (see _NUMPY)
         tensor = tensor.detach().cpu()
-    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: send its bits
+    if name == "bfloat16":  # numpy has no bfloat16: send its bits
         tensor = tensor.view(torch.int16)
     # numpy's tobytes writes row-major order whatever the strides.
     msg.dtype = _TO_PB[name]

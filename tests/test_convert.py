@@ -61,3 +61,22 @@ def test_malformed_tensors_name_the_field(message: pb.Tensor, fragment: str) -> 
     with pytest.raises(InvalidInput) as info:
         convert.tensor_from_pb(message, "f")
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("shape", "data"),
+    [
+        ([4, 4], b"\0" * 64),  # 64 bytes of float32, over a 32-byte limit
+        ([1 << 20, 1 << 20], b""),  # 4 TiB declared, no data sent
+        ([0, 1 << 40], b""),  # no elements, but a span no tensor could have
+        ([3, -1], b""),
+    ],
+)
+def test_declared_sizes_are_bounded_before_any_allocation(shape: list[int], data: bytes) -> None:
+    with pytest.raises(InvalidInput, match="f: "):
+        convert.tensor_from_pb(pb.Tensor(dtype=pb.FLOAT32, shape=shape, data=data), "f", max_bytes=32)
+
+
+def test_a_tensor_at_the_limit_is_accepted() -> None:
+    wire = pb.Tensor(dtype=pb.FLOAT32, shape=[2, 4], data=b"\0" * 32)
+    assert convert.tensor_from_pb(wire, "f", max_bytes=32).shape == (2, 4)
