@@ -403,7 +403,8 @@ def write_report(
         "",
         "Written by `python -m bench.run` (see its docstring). Closed-loop load: each of",
         "`concurrency` client workers keeps one single-row request in flight. Client and server",
-        "share the machine, so only ratios from one run are meaningful.",
+        "share the machine, so only ratios from one run are meaningful. Where the time goes,",
+        "and why targets are missed on a 2-core machine: [performance.md](performance.md).",
         "",
         f"- Machine: {os.cpu_count()} CPUs; torch {torch.__version__}; "
         f"ISA {torch.backends.cpu.get_cpu_capability()}",
