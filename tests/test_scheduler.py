@@ -404,3 +404,26 @@ async def _check_invariants(
         assert len(widths) == 1
     assert scheduler.queue_depth == 0
     await scheduler.close()
+
+
+async def test_a_flooded_model_does_not_hold_up_another() -> None:
+    """Models share the event loop, not queues or runner threads: with one model's
+    runner stuck and its queue full, another model's requests are still answered."""
+    stuck = FakeRunner(hold=True)
+    flooded = make(stuck, max_queue_size=32)
+    backlog = [asyncio.ensure_future(flooded.submit(request(i))) for i in range(33)]
+    await settle()
+    assert flooded.batches_in_flight == 1 and flooded.queue_depth == 32
+    with pytest.raises(Overloaded):
+        flooded.enqueue(request(99))
+    other = make(FakeRunner())
+    answers = await asyncio.wait_for(
+        asyncio.gather(*(other.submit(request(i)) for i in range(20))), timeout=30
+    )
+    for i, answer in enumerate(answers):
+        torch.testing.assert_close(answer.outputs, expected(request(i)))
+    assert flooded.queue_depth == 32 and not any(task.done() for task in backlog)
+    stuck.gate.set()
+    await asyncio.gather(*backlog)
+    await flooded.close()
+    await other.close()
