@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pathlib
 import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,13 +43,6 @@ def rss_bytes(pid: int) -> int:
     return int(match.group(1)) * 1024
 
 
-def server_pid(port: str) -> int:
-    out = subprocess.run(
-        ["pgrep", "-f", "service.cli serve --config"], capture_output=True, text=True, check=True
-    )
-    return int(out.stdout.split()[0])
-
-
 def main() -> None:
     source = pathlib.Path(__file__).read_text()
     path = cached_package(
@@ -66,9 +58,9 @@ def main() -> None:
             f'[server]\ngrpc_port = 0\nmetrics_port = 0\n\n[[models]]\nname = "big"\npath = "{path}"\n'
         )
         argv = [sys.executable, "-m", "service.cli", "serve", "--config", str(config)]
-        with server_process(argv, "ready:", dict(__import__("os").environ)) as target:
-            pid = server_pid(target)
-            with Pt2ServeClient(target) as client:
+        with server_process(argv, "ready:", dict(__import__("os").environ)) as server:
+            pid = server.pid
+            with Pt2ServeClient(server.target) as client:
                 x = torch.randn(1, WIDTH)
                 client.infer("big", {"x": x})
                 before = rss_bytes(pid)

@@ -82,9 +82,15 @@ def bench_models() -> list[BenchModel]:
 
 
 # ------------------------------------------------------------------ servers
+@dataclasses.dataclass(frozen=True)
+class RunningServer:
+    target: str  # host:port
+    pid: int
+
+
 @contextmanager
-def server_process(argv: list[str], ready: str, env: dict[str, str]) -> Iterator[str]:
-    """Start a server process; yield its target once `ready` appears in its log."""
+def server_process(argv: list[str], ready: str, env: dict[str, str]) -> Iterator[RunningServer]:
+    """Start a server process; yield it once `ready` appears in its log."""
     with tempfile.NamedTemporaryFile("w+", suffix=".log") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         try:
@@ -98,7 +104,7 @@ def server_process(argv: list[str], ready: str, env: dict[str, str]) -> Iterator
             match = re.search(r"listening on (127\.0\.0\.1:\d+)", text)
             if not match or ready not in text:
                 raise RuntimeError(f"server did not start:\n{text}")
-            yield match.group(1)
+            yield RunningServer(match.group(1), proc.pid)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -538,7 +544,7 @@ def main() -> None:
             ]
             with ExitStack() as stack:
                 targets = {
-                    server: stack.enter_context(server_process(argv, ready, env))
+                    server: stack.enter_context(server_process(argv, ready, env)).target
                     for server, argv, ready in servers
                 }
                 samples += measure(

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import pathlib
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -135,11 +135,10 @@ def main() -> None:
             f'[[models]]\nname = "demo"\npath = "{package}"\n'
         )
         argv = [sys.executable, "-m", "service.cli", "serve", "--config", str(config)]
-        with server_process(argv, "ready:", dict(__import__("os").environ)) as target:
-            pid = int(
-                subprocess.run(["pgrep", "-f", str(config)], capture_output=True, text=True).stdout.split()[0]
+        with server_process(argv, "ready:", dict(os.environ)) as server:
+            samples = asyncio.run(
+                soak(server.target, server.pid, metrics_port, args.minutes, args.concurrency)
             )
-            samples = asyncio.run(soak(target, pid, metrics_port, args.minutes, args.concurrency))
     warm = next((s for s in samples if s["t"] >= 60), samples[0])
     growth = (samples[-1]["rss_mb"] - warm["rss_mb"]) / warm["rss_mb"] * 100
     other = samples[-1]["other_errors"]

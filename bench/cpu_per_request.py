@@ -1,0 +1,129 @@
+"""CPU per request, by thread: where each server spends its time under load.
+
+    python -m bench.cpu_per_request                  # demo model, streaming, 64 in flight
+    python -m bench.cpu_per_request --model ffn --concurrency 8
+
+Starts the null server and pt2serve side by side, drives each in turn with closed-loop
+streaming load (single-row requests), and reads the user + system CPU time of every
+server thread (/proc/<pid>/task/*/stat) and of the load generator over the measured
+window. Prints microseconds of CPU per answered request for each kind of thread; each
+figure is the median over the rounds. The load generator is this process (its CPU comes
+from os.times()), so the two servers' figures also show what the client costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+from bench.run import (
+    BenchModel,
+    bench_models,
+    closed_loop,
+    pt2serve_argv,
+    request_bytes,
+    server_process,
+)
+
+TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def thread_kind(pid: int, tid: int, name: str) -> str:
+    if tid == pid:
+        return "event loop (main thread)"
+    if name.startswith("pt2serve-"):
+        return "runner threads"
+    if name.startswith(("event_engine", "grpc")):
+        return "gRPC core threads"
+    return "other threads (gRPC poller, metrics)"
+
+
+def cpu_by_kind(pid: int) -> dict[str, float]:
+    """Seconds of CPU each kind of thread of `pid` has used so far."""
+    totals: dict[str, float] = defaultdict(float)
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        # Fields after the name: utime and stime are the 12th and 13th.
+        totals[thread_kind(pid, int(task.name), name)] += (int(fields[11]) + int(fields[12])) * TICK_S
+    return totals
+
+
+def process_cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def load(target: str, payloads: list[bytes], concurrency: int, duration: float) -> tuple[int, float]:
+    """Requests answered and this process's CPU seconds, over `duration` of load."""
+    before = process_cpu()
+    _, latencies = asyncio.run(closed_loop(target, "stream", payloads, concurrency, 0.0, duration))
+    return len(latencies), process_cpu() - before
+
+
+def measure(
+    pid: int, target: str, payloads: list[bytes], concurrency: int, duration: float
+) -> dict[str, float]:
+    # Warm up, then measure: the server's threads through /proc, the client's in-process.
+    load(target, payloads, concurrency, 0.5)
+    before = cpu_by_kind(pid)
+    started = time.monotonic()
+    answered, client = load(target, payloads, concurrency, duration)
+    after = cpu_by_kind(pid)
+    per_request = {kind: (after[kind] - before.get(kind, 0.0)) / answered * 1e6 for kind in after}
+    per_request["load generator"] = client / answered * 1e6
+    per_request["requests/s"] = answered / (time.monotonic() - started)
+    return per_request
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="demo", choices=["demo", "ffn"])
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--duration", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    model: BenchModel = next(m for m in bench_models() if m.name == args.model)
+    payloads = [request_bytes(model, i) for i in range(64)]
+    env = dict(os.environ)
+    figures: dict[str, dict[str, list[float]]] = {"null": defaultdict(list), "pt2serve": defaultdict(list)}
+    with tempfile.TemporaryDirectory() as config_dir:
+        null_argv = [sys.executable, "-m", "bench.null_server", "--output-width", str(model.out_width)]
+        with (
+            server_process(null_argv, "null server listening", env) as null,
+            server_process(pt2serve_argv(model, 64, 1, config_dir), "ready:", env) as pt2serve,
+        ):
+            for _ in range(args.rounds):
+                for name, server in (("null", null), ("pt2serve", pt2serve)):
+                    for kind, value in measure(
+                        server.pid, server.target, payloads, args.concurrency, args.duration
+                    ).items():
+                        figures[name][kind].append(value)
+    kinds = sorted({k for f in figures.values() for k in f} - {"requests/s"})
+    print(
+        f"# CPU per answered request (µs), {args.model}, streaming, {args.concurrency} in flight, "
+        f"median of {args.rounds}\n"
+    )
+    print("| thread | null server | pt2serve |")
+    print("| --- | --- | --- |")
+    for kind in kinds:
+        cells = [f"{statistics.median(figures[s][kind]):.0f}" if figures[s][kind] else "–" for s in figures]
+        print(f"| {kind} | {' | '.join(cells)} |")
+    rates = [f"{statistics.median(figures[s]['requests/s']):,.0f}" for s in figures]
+    print(f"| requests/s | {' | '.join(rates)} |")
+
+
+if __name__ == "__main__":
+    main()
