@@ -70,6 +70,10 @@ class ServerConfig:
             raise InvalidInput("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         if self.max_tensor_bytes < 1 or self.max_concurrent_streams < 0:
             raise InvalidInput("max_tensor_mb must be positive and max_concurrent_streams not negative")
+        if self.gil_switch_interval_us < 0 or self.gc_gen0_threshold < 0:
+            raise InvalidInput(
+                "gil_switch_interval_us and gc_gen0_threshold must not be negative (0: Python's default)"
+            )
 
     def resolve(self, path: str) -> str:
         """A path the operator gave (flags, config): relative ones join model_root."""

@@ -1,7 +1,12 @@
 from __future__ import annotations
 
 import pathlib
+import subprocess
+import sys
 
+import pytest
+
+from loader.errors import InvalidInput
 from service.config import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -13,3 +18,25 @@ def test_example_config_parses() -> None:
     (model,) = config.models
     assert model.name == "demo" and model.package_path == "/models/demo.pt2"
     assert model.batching is not None and model.batching.max_batch_size == 32
+
+
+def test_process_settings_are_read_and_checked(tmp_path: pathlib.Path) -> None:
+    config = load_config(ROOT / "deploy" / "config.example.toml")
+    assert config.gil_switch_interval_us == 200 and config.gc_gen0_threshold == 20000
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\ngc_gen0_threshold = -1\n")
+    with pytest.raises(InvalidInput, match="gc_gen0_threshold must not be negative"):
+        load_config(bad)
+
+
+def test_process_settings_take_effect() -> None:
+    # In a child: the settings are process-wide and would leak into this test run.
+    code = (
+        "import gc, sys\n"
+        "from service.cli import tune_process\n"
+        "tune_process(200, 20000)\n"
+        "print(sys.getswitchinterval(), gc.get_threshold()[0], gc.get_freeze_count() > 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    interval, gen0, frozen = out.stdout.split()
+    assert abs(float(interval) - 200e-6) < 1e-9 and gen0 == "20000" and frozen == "True"
