@@ -57,14 +57,20 @@ MAX_DECLARED_BYTES = 1 << 40
 
 
 def check_shape(field: str, shape: list[int], itemsize: int, max_bytes: int | None) -> int:
-    """Validate a client-declared shape before anything is allocated; returns numel."""
-    if any(d < 0 for d in shape):
-        raise InvalidInput(f"{field}: negative dimension in shape {shape}")
-    span = math.prod(max(d, 1) for d in shape) * itemsize
+    """Validate a client-declared shape before anything is allocated; returns numel.
+    Runs for every input of every request: the common case (all dims positive) is
+    one product and one comparison."""
+    numel = math.prod(shape)
+    span = numel * itemsize
+    if shape and min(shape) <= 0:
+        if min(shape) < 0:
+            raise InvalidInput(f"{field}: negative dimension in shape {shape}")
+        # Empty, but a huge declared span is still refused: no tensor could have it.
+        span = math.prod(max(d, 1) for d in shape) * itemsize
     limit = MAX_DECLARED_BYTES if max_bytes is None else min(max_bytes, MAX_DECLARED_BYTES)
     if span > limit:
         raise InvalidInput(f"{field}: shape {shape} spans {span} bytes, over the server's limit of {limit}")
-    return math.prod(shape)
+    return numel
 
 
 def itemsize(dtype_name: str) -> int:
@@ -83,23 +89,31 @@ def tensor_from_pb(msg: pb.Tensor, field: str, max_bytes: int | None = None) -> 
         raise InvalidInput(f"{field}: dtype {label} is not supported")
     shape = list(msg.shape)
     data = msg.data  # each read of a bytes field is a copy: read it once
-    itemsize = _ITEMSIZE[name]
-    if shape and min(shape) <= 0:  # negative or empty dims: the careful check
-        numel = check_shape(field, shape, itemsize, max_bytes)
-    else:
-        numel = math.prod(shape)
-        limit = MAX_DECLARED_BYTES if max_bytes is None else min(max_bytes, MAX_DECLARED_BYTES)
-        if numel * itemsize > limit:
-            check_shape(field, shape, itemsize, max_bytes)  # raises, naming the limit
-    expected = numel * itemsize
+    numel = check_shape(field, shape, _ITEMSIZE[name], max_bytes)
+    expected = numel * _ITEMSIZE[name]
     if len(data) != expected:
         raise InvalidInput(f"{field}: data has {len(data)} bytes, shape {shape} of {name} needs {expected}")
-    if numel == 0:
-        return torch.empty(shape, dtype=DTYPES[name])
+    return tensor_from_bytes(data, name, shape)
+
+
+def tensor_from_bytes(data: bytes, dtype_name: str, shape: list[int]) -> torch.Tensor:
+    """A tensor owning a copy of little-endian, row-major `data` (length checked)."""
+    if math.prod(shape) == 0:
+        return torch.empty(shape, dtype=DTYPES[dtype_name])
     # bytearray copies once: the tensor must own writable memory (the runtime
     # may write into its inputs).
-    tensor = torch.from_numpy(np.frombuffer(bytearray(data), dtype=_NUMPY[name]).reshape(shape))
-    return tensor.view(torch.bfloat16) if name == "bfloat16" else tensor
+    array = np.frombuffer(bytearray(data), dtype=_NUMPY[dtype_name]).reshape(shape)
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if dtype_name == "bfloat16" else tensor
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """`tensor` as little-endian, row-major bytes, whatever its strides or device."""
+    if tensor.requires_grad or not tensor.is_cpu:  # no torch op otherwise (see _NUMPY)
+        tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: send its bits
+        tensor = tensor.view(torch.int16)
+    return tensor.numpy().tobytes()
 
 
 def tensor_to_pb(tensor: torch.Tensor) -> pb.Tensor:
@@ -113,14 +127,9 @@ def fill_tensor_pb(msg: pb.Tensor, tensor: torch.Tensor) -> None:
     name = DTYPE_NAMES.get(tensor.dtype)
     if name is None:
         raise InvalidInput(f"dtype {tensor.dtype} cannot be sent")
-    if tensor.requires_grad or not tensor.is_cpu:  # no torch op otherwise (see _NUMPY)
-        tensor = tensor.detach().cpu()
-    if name == "bfloat16":  # numpy has no bfloat16: send its bits
-        tensor = tensor.view(torch.int16)
-    # numpy's tobytes writes row-major order whatever the strides.
     msg.dtype = _TO_PB[name]
     msg.shape.extend(tensor.shape)
-    msg.data = tensor.numpy().tobytes()
+    msg.data = tensor_bytes(tensor)
 
 
 def tensors_from_pb(

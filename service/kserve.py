@@ -19,7 +19,7 @@ import torch
 from loader.errors import InvalidInput, ModelNotFound, Pt2ServeError
 from loader.schema import DTYPES, ModelSchema, TensorSpec
 from scheduler.manager import LoadedModel, ModelConfig, ModelManager, PendingInference
-from service.convert import check_shape, itemsize
+from service.convert import check_shape, itemsize, tensor_bytes, tensor_from_bytes
 from service.pb import grpc_service_pb2 as v2
 from service.pb import grpc_service_pb2_grpc as v2_grpc
 from service.servicer import Context
@@ -121,7 +121,7 @@ def decode_inputs(request: v2.ModelInferRequest, max_bytes: int | None = None) -
                     f"{field}: raw contents have {len(data)} bytes, shape {shape} of {spec.datatype} "
                     f"needs {numel * size}"
                 )
-            tensor = torch.frombuffer(bytearray(data), dtype=dtype) if numel else torch.empty(0, dtype=dtype)
+            tensors[spec.name] = tensor_from_bytes(data, name, shape)
         else:
             typed = TYPED_FIELD.get(spec.datatype)
             if typed is None:
@@ -130,7 +130,7 @@ def decode_inputs(request: v2.ModelInferRequest, max_bytes: int | None = None) -
             if len(values) != numel:
                 raise InvalidInput(f"{field}: {typed} has {len(values)} values, shape {shape} needs {numel}")
             tensor = torch.tensor(values, dtype=dtype) if values else torch.empty(0, dtype=dtype)
-        tensors[spec.name] = tensor.reshape(shape)
+            tensors[spec.name] = tensor.reshape(shape)
     return tensors
 
 
@@ -142,12 +142,9 @@ def encode_response(
     )
     response.parameters["constants_version"].int64_param = constants_version
     for name, tensor in outputs.items():
-        tensor = tensor.detach().cpu()
         dtype = str(tensor.dtype).removeprefix("torch.")
         response.outputs.add(name=name, datatype=DATATYPES[dtype], shape=list(tensor.shape))
-        if tensor.dtype == torch.bfloat16:
-            tensor = tensor.view(torch.int16)
-        response.raw_output_contents.append(tensor.numpy().tobytes())
+        response.raw_output_contents.append(tensor_bytes(tensor))
     return response
 
 
