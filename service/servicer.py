@@ -301,6 +301,9 @@ class _Slot:
         self.response: pb.RunStreamResponse | None = None
 
 
+_UNORDERED = _Slot()
+
+
 class _StreamAnswers:
     """A stream's responses: sent as they complete, or held back to request order.
 
@@ -316,9 +319,10 @@ class _StreamAnswers:
         self._waiting: collections.deque[_Slot] = collections.deque()
 
     def reserve(self) -> _Slot:
+        if not self._ordered:
+            return _UNORDERED  # never written: unordered answers go straight out
         slot = _Slot()
-        if self._ordered:
-            self._waiting.append(slot)
+        self._waiting.append(slot)
         return slot
 
     def fill(self, slot: _Slot, response: pb.RunStreamResponse) -> None:
