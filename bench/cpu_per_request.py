@@ -8,7 +8,8 @@ streaming load (single-row requests), and reads the user + system CPU time of ev
 server thread (/proc/<pid>/task/*/stat) and of the load generator over the measured
 window. Prints microseconds of CPU per answered request for each kind of thread; each
 figure is the median over the rounds. The load generator is this process (its CPU comes
-from os.times()), so the two servers' figures also show what the client costs.
+from os.times()), so the two servers' figures also show what the client costs. The last
+row, CPUs busy, is the CPU of all those threads per second, over the machine's CPUs.
 """
 
 from __future__ import annotations
@@ -123,6 +124,16 @@ def main() -> None:
         print(f"| {kind} | {' | '.join(cells)} |")
     rates = [f"{statistics.median(figures[s]['requests/s']):,.0f}" for s in figures]
     print(f"| requests/s | {' | '.join(rates)} |")
+    # How busy the machine was: all threads' CPU (server and load generator) per second.
+    busy = [
+        statistics.median(
+            sum(figures[s][k][i] for k in kinds if figures[s][k]) * figures[s]["requests/s"][i] / 1e6
+            for i in range(args.rounds)
+        )
+        / (os.cpu_count() or 1)
+        for s in figures
+    ]
+    print(f"| CPUs busy | {' | '.join(f'{b:.0%}' for b in busy)} |")
 
 
 if __name__ == "__main__":
