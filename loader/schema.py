@@ -86,14 +86,13 @@ class ModelSchema:
     _fast: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...] | None = dataclass_field(
         init=False, repr=False, compare=False, default=None
     )
-    _names: tuple[tuple[str, ...], tuple[str, ...]] = dataclass_field(
-        init=False, repr=False, compare=False, default=((), ())
-    )
+    _input_names: tuple[str, ...] = dataclass_field(init=False, repr=False, compare=False, default=())
+    _output_names: tuple[str, ...] = dataclass_field(init=False, repr=False, compare=False, default=())
     _rows: tuple[int, int | None] = dataclass_field(init=False, repr=False, compare=False, default=(0, None))
 
     def __post_init__(self) -> None:
-        names = (tuple(s.name for s in self.inputs), tuple(s.name for s in self.outputs))
-        object.__setattr__(self, "_names", names)
+        object.__setattr__(self, "_input_names", tuple(s.name for s in self.inputs))
+        object.__setattr__(self, "_output_names", tuple(s.name for s in self.outputs))
         object.__setattr__(self, "_rows", (self.min_rows, self.max_rows))
         fast = []
         for spec in self.inputs:
@@ -107,11 +106,11 @@ class ModelSchema:
 
     @property
     def input_names(self) -> tuple[str, ...]:
-        return self._names[0]
+        return self._input_names
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        return self._names[1]
+        return self._output_names
 
     @property
     def static_batch(self) -> int | None:

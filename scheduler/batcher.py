@@ -170,7 +170,6 @@ class ModelScheduler:
         self._queued = 0
         self._in_flight = 0
         self._batch_tasks: set[asyncio.Task[None]] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self._paused = 0
@@ -182,8 +181,7 @@ class ModelScheduler:
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._workers.start(self._loop)
+        self._workers.start(asyncio.get_running_loop())
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Refuse new requests, let queued work finish within `grace_s`, fail the rest
@@ -444,10 +442,17 @@ class ModelScheduler:
                 compute[0] = time.perf_counter() - started
 
         def done(results: list[list[torch.Tensor]] | None, error: BaseException | None) -> None:
+            # Counted once per batch, here, also when its members are then retried alone.
             rows = sum(r.rows for r in batch)
-            self.stats.queue_seconds += sum(waits)
-            self.stats.compute_seconds += compute[0]
-            self.stats.last_batch_at = time.time()
+            stats = self.stats
+            stats.batches += 1
+            stats.requests += len(batch)
+            stats.rows += rows
+            stats.batch_sizes[rows] += 1
+            stats.queue_seconds += sum(waits)
+            stats.compute_seconds += compute[0]
+            stats.last_batch_at = time.time()
+            slot.batches += 1
             self._telemetry.batch_finished(self.name, slot.label, rows, waits, compute[0], error is None)
             self._finish(slot, batch, version, results, error)
 
@@ -499,13 +504,7 @@ class ModelScheduler:
         for req in batch:
             # The invariant: no future is left pending, or its caller hangs.
             _resolve(req, ExecutionFailed(f"model {self.name!r}: batch ended without a result"))
-        self.stats.batches += 1
-        self.stats.requests += len(batch)
-        rows = sum(r.rows for r in batch)
-        self.stats.rows += rows
-        self.stats.batch_sizes[rows] += 1
         slot.in_flight -= 1
-        slot.batches += 1
         self._in_flight -= 1
         if self._in_flight == 0:
             self._idle.set()
