@@ -335,11 +335,17 @@ def _status_of(exc: BaseException, context: Any) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+def register_metrics(registry: CollectorRegistry, manager: ModelManager) -> Metrics:
+    """pt2serve's metrics and the live model state, in `registry`."""
+    metrics = Metrics(registry)
+    registry.register(ModelStateCollector(manager))
+    return metrics
+
+
 def new_registry(manager: ModelManager) -> tuple[CollectorRegistry, Metrics]:
     """A registry with pt2serve's metrics, live model state, process and platform metrics."""
     registry = CollectorRegistry()
-    metrics = Metrics(registry)
-    registry.register(ModelStateCollector(manager))
+    metrics = register_metrics(registry, manager)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry, metrics

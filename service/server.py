@@ -15,7 +15,7 @@ from service.errors import DomainErrorInterceptor
 from service.health import SERVICES, ModelHealth
 from service.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
 from service.kserve import KServeServicer, add_kserve_to_server
-from service.metrics import GrpcMetricsInterceptor, Metrics, ModelStateCollector, new_registry
+from service.metrics import GrpcMetricsInterceptor, new_registry, register_metrics
 from service.pb import pt2serve_pb2_grpc as pb_grpc
 from service.security import ManagementAuthInterceptor, read_token, server_credentials
 from service.servicer import InferenceServicer, ModelLoaderServicer
@@ -32,8 +32,7 @@ class Pt2Server:
         if registry is None:
             registry, metrics = new_registry(self.manager)
         else:
-            metrics = Metrics(registry)
-            registry.register(ModelStateCollector(self.manager))
+            metrics = register_metrics(registry, self.manager)
         self.registry = registry
         self.manager.telemetry = metrics
         self._grpc_metrics = GrpcMetricsInterceptor(registry)
