@@ -87,13 +87,30 @@ def tensor_from_pb(msg: pb.Tensor, field: str, max_bytes: int | None = None) -> 
     if name is None:
         label = pb.DType.Name(msg.dtype) if msg.dtype in pb.DType.values() else str(msg.dtype)
         raise InvalidInput(f"{field}: dtype {label} is not supported")
-    shape = list(msg.shape)
-    data = msg.data  # each read of a bytes field is a copy: read it once
-    numel = check_shape(field, shape, _ITEMSIZE[name], max_bytes)
-    expected = numel * _ITEMSIZE[name]
+    # Each read of a bytes field is a copy: read it once.
+    return tensor_from_wire(field, msg.data, name, list(msg.shape), max_bytes)
+
+
+def tensor_from_wire(
+    field: str,
+    data: bytes,
+    dtype_name: str,
+    shape: list[int],
+    max_bytes: int | None,
+    *,
+    data_has: str = "data has",
+    type_label: str | None = None,
+) -> torch.Tensor:
+    """Check a client's shape and bytes against each other and the server's limit, then
+    decode. `data_has` and `type_label` name the protocol's own fields in errors."""
+    size = _ITEMSIZE[dtype_name]
+    expected = check_shape(field, shape, size, max_bytes) * size
     if len(data) != expected:
-        raise InvalidInput(f"{field}: data has {len(data)} bytes, shape {shape} of {name} needs {expected}")
-    return tensor_from_bytes(data, name, shape)
+        raise InvalidInput(
+            f"{field}: {data_has} {len(data)} bytes, shape {shape} of {type_label or dtype_name} "
+            f"needs {expected}"
+        )
+    return tensor_from_bytes(data, dtype_name, shape)
 
 
 def tensor_from_bytes(data: bytes, dtype_name: str, shape: list[int]) -> torch.Tensor:

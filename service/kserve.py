@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -17,12 +16,12 @@ import grpc
 import torch
 
 from loader.errors import InvalidInput, ModelNotFound, Pt2ServeError
-from loader.schema import DTYPES, ModelSchema, TensorSpec
+from loader.schema import DTYPE_NAMES, DTYPES, ModelSchema, TensorSpec
 from scheduler.manager import LoadedModel, ModelConfig, ModelManager, PendingInference
-from service.convert import check_shape, itemsize, tensor_bytes, tensor_from_bytes
+from service.convert import check_shape, itemsize, tensor_bytes, tensor_from_wire
 from service.pb import grpc_service_pb2 as v2
 from service.pb import grpc_service_pb2_grpc as v2_grpc
-from service.servicer import Context
+from service.servicer import Context, deadline_of
 
 log = logging.getLogger(__name__)
 PLATFORM = "pytorch_aoti"
@@ -109,23 +108,18 @@ def decode_inputs(request: v2.ModelInferRequest, max_bytes: int | None = None) -
         if name is None:
             raise InvalidInput(f"{field}: datatype {spec.datatype!r} is not supported")
         shape = list(spec.shape)
-        dtype = DTYPES[name]
-        size = itemsize(name)
-        numel = check_shape(field, shape, size, max_bytes)
         if raw:
             if spec.HasField("contents"):
                 raise InvalidInput(f"{field}: has typed contents while raw_input_contents is used")
-            data = raw[i]
-            if len(data) != numel * size:
-                raise InvalidInput(
-                    f"{field}: raw contents have {len(data)} bytes, shape {shape} of {spec.datatype} "
-                    f"needs {numel * size}"
-                )
-            tensors[spec.name] = tensor_from_bytes(data, name, shape)
+            tensors[spec.name] = tensor_from_wire(
+                field, raw[i], name, shape, max_bytes, data_has="raw contents have", type_label=spec.datatype
+            )
         else:
+            numel = check_shape(field, shape, itemsize(name), max_bytes)
             typed = TYPED_FIELD.get(spec.datatype)
             if typed is None:
                 raise InvalidInput(f"{field}: {spec.datatype} must be sent in raw_input_contents")
+            dtype = DTYPES[name]
             values = list(getattr(spec.contents, typed))
             if len(values) != numel:
                 raise InvalidInput(f"{field}: {typed} has {len(values)} values, shape {shape} needs {numel}")
@@ -142,8 +136,9 @@ def encode_response(
     )
     response.parameters["constants_version"].int64_param = constants_version
     for name, tensor in outputs.items():
-        dtype = str(tensor.dtype).removeprefix("torch.")
-        response.outputs.add(name=name, datatype=DATATYPES[dtype], shape=list(tensor.shape))
+        response.outputs.add(
+            name=name, datatype=DATATYPES[DTYPE_NAMES[tensor.dtype]], shape=list(tensor.shape)
+        )
         response.raw_output_contents.append(tensor_bytes(tensor))
     return response
 
@@ -268,14 +263,13 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
         except Pt2ServeError as exc:
             self._manager.note_rejected(request.model_name, exc)
             raise
-        remaining = context.time_remaining()
         return self._manager.submit(
             request.model_name,
             inputs,
             # The protocol's levels start at 1 (highest); 0 means the default.
             priority=max(0, (priority or 1) - 1),
             timeout_s=timeout_us / 1e6 if timeout_us else None,
-            deadline=None if remaining is None else time.monotonic() + remaining,
+            deadline=deadline_of(context),
             output_names=[o.name for o in request.outputs],
         )
 

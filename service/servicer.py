@@ -36,6 +36,12 @@ log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+def deadline_of(context: Context) -> float | None:
+    """The call's gRPC deadline on the scheduler's clock (time.monotonic), if it has one."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
 def model_status(model: LoadedModel) -> pb.ModelStatus:
     config = model.config
     return pb.ModelStatus(
@@ -210,13 +216,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except Pt2ServeError as exc:
             self._manager.note_rejected(request.model, exc)
             raise
-        remaining = context.time_remaining()
         return self._manager.submit(
             request.model,
             inputs,
             priority=request.priority,
             timeout_s=request.timeout_us / 1e6 if request.timeout_us else None,
-            deadline=None if remaining is None else time.monotonic() + remaining,
+            deadline=deadline_of(context),
             output_names=list(request.output_names),
             on_done=on_done,
         )
