@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from loader.errors import InvalidInput, PackageError, PackageNotFound, Unsupported
+from loader.errors import InvalidInput, PackageError, PackageNotFound, Unsupported, shown
 from loader.native import NativeContainer
 from loader.schema import (
     DTYPE_NAMES,
@@ -63,7 +63,9 @@ def load_metadata_from_package(path: str, model_name: str = DEFAULT_MODEL_NAME) 
     try:
         return dict(loader_cls.load_metadata_from_package(path, model_name))
     except RuntimeError as exc:
-        raise PackageError(f"cannot read metadata of {path!r} (model {model_name!r}): {exc}") from exc
+        raise PackageError(
+            f"cannot read metadata of {shown(path)} (model {shown(model_name)}): {exc}"
+        ) from exc
 
 
 def read_package_sources(path: str, model_name: str = DEFAULT_MODEL_NAME) -> str | None:
@@ -77,7 +79,7 @@ def read_package_sources(path: str, model_name: str = DEFAULT_MODEL_NAME) -> str
                 return None
             return archive.read(names[0]).decode("utf-8", errors="replace")
     except zipfile.BadZipFile as exc:
-        raise PackageError(f"{path!r} is not a .pt2 package: {exc}") from exc
+        raise PackageError(f"{shown(path)} is not a .pt2 package: {exc}") from exc
 
 
 def resolve_schema(
@@ -92,7 +94,7 @@ def resolve_schema(
     source = read_package_sources(path, model_name)
     if source is None:
         raise PackageError(
-            f"{path!r} carries no serving schema and no wrapper source to derive one "
+            f"{shown(path)} carries no serving schema and no wrapper source to derive one "
             "from; give a schema when loading it"
         )
     return derive_from_wrapper(source)
@@ -121,6 +123,11 @@ class ModelPackage:
         self._user_managed: dict[str, torch.Tensor] = {}
         # Internal names staged into the inactive buffer since the last swap.
         self._staged: set[str] = set()
+        # Staged constants that a later staging call would overwrite with the active
+        # buffer's value (see ConstantSpec.refilled_when_staging), kept to be staged
+        # again, all in one call, right before the swap.
+        self._refilled: dict[str, torch.Tensor] = {}
+        self._refilled_current = True
 
     @classmethod
     def load(
@@ -158,7 +165,9 @@ class ModelPackage:
                 options.device_index,
             )
         except RuntimeError as exc:
-            raise PackageError(f"cannot load {path!r} (model {options.model_name!r}): {exc}") from exc
+            raise PackageError(
+                f"cannot load {shown(path)} (model {shown(options.model_name)}): {exc}"
+            ) from exc
         return cls(path, options, loader, resolved, dict(loader.get_metadata()), constants)
 
     def close(self) -> None:
@@ -238,18 +247,39 @@ class ModelPackage:
         self._native.update_constants(by_name, use_inactive=use_inactive, validate_full=full)
         if use_inactive:
             self._staged.update(by_name)
+            refilled = self._refilled_names()
+            self._refilled.update((n, t) for n, t in by_name.items() if n in refilled)
+            # This call copied the active value of every refilled constant it left out.
+            self._refilled_current = not (self._refilled.keys() - by_name.keys())
+
+    def _refilled_names(self) -> set[str]:
+        return {s.internal_name for s in self._require_constant_table().values() if s.refilled_when_staging}
+
+    def prepare_swap(self) -> None:
+        """Stage the kept buffers again, in one call, so the inactive buffer holds
+        everything staged since the last swap. Needed before every swap: staging one
+        constant per call (streams, files) would otherwise serve new parameters with
+        the old BatchNorm statistics. Cheap when nothing was reverted."""
+        if self._refilled_current or not self._refilled:
+            return
+        assert self._native is not None
+        self._native.update_constants(self._refilled, use_inactive=True, validate_full=False)
+        self._refilled_current = True
 
     def swap_constant_buffer(self) -> None:
         """Serve the inactive buffer. Refused unless every constant was staged since
         the last swap: the runtime leaves unstaged parameters empty and then crashes."""
         self.check_swappable()
+        self.prepare_swap()
         assert self._native is not None
         self._native.swap_constant_buffer()
-        self._staged.clear()
+        self.discard_staged()
 
     def discard_staged(self) -> None:
         """Forget what was staged: a swap then needs every constant staged again."""
         self._staged.clear()
+        self._refilled.clear()
+        self._refilled_current = True
 
     def check_swappable(self) -> None:
         if self._native is None:
@@ -260,8 +290,8 @@ class ModelPackage:
         )
         if missing:
             raise Unsupported(
-                f"cannot swap: constant {missing[0]!r} and {len(missing) - 1} more were not staged in the "
-                "inactive buffer since the last swap"
+                f"cannot swap: constant {shown(missing[0])} and {len(missing) - 1} more were not staged "
+                "in the inactive buffer since the last swap"
             )
 
     def validate_constants(self, tensors: Mapping[str, torch.Tensor], *, by_fqn: bool, full: bool) -> None:
@@ -278,20 +308,22 @@ class ModelPackage:
             spec = specs.get(key)
             if spec is None:
                 known = ", ".join(sorted(specs)) or "none"
-                raise InvalidInput(f"unknown {what} {key!r}; known: {known}")
+                raise InvalidInput(f"unknown {what} {shown(key)}; known: {known}")
             got = DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
             if got != spec.dtype:
-                raise InvalidInput(f"{what} {key!r}: dtype {got}, expected {spec.dtype}")
+                raise InvalidInput(f"{what} {shown(key)}: dtype {got}, expected {spec.dtype}")
             if tuple(tensor.shape) != spec.shape:
-                raise InvalidInput(f"{what} {key!r}: shape {list(tensor.shape)}, expected {list(spec.shape)}")
+                raise InvalidInput(
+                    f"{what} {shown(key)}: shape {list(tensor.shape)}, expected {list(spec.shape)}"
+                )
             if not tensor.is_contiguous():
-                raise InvalidInput(f"{what} {key!r}: tensor is not contiguous")
+                raise InvalidInput(f"{what} {shown(key)}: tensor is not contiguous")
             if tensor.device != self.device:
-                raise InvalidInput(f"{what} {key!r}: on {tensor.device}, expected {self.device}")
+                raise InvalidInput(f"{what} {shown(key)}: on {tensor.device}, expected {self.device}")
         if full:
             missing = sorted(set(specs) - set(tensors))
             if missing:
-                raise InvalidInput(f"full update requested but {what} {missing[0]!r} is missing")
+                raise InvalidInput(f"full update requested but {what} {shown(missing[0])} is missing")
 
     def _keep_user_managed(self, tensors: Mapping[str, torch.Tensor], user_managed: bool) -> None:
         # With user_managed the runtime points at our tensors' storage instead of
@@ -325,4 +357,4 @@ def _device_string(metadata: Mapping[str, str], device_index: int) -> str:
 
 def _check_package_file(path: str) -> None:
     if not os.path.isfile(path):
-        raise PackageNotFound(f"no package file at {path!r}")
+        raise PackageNotFound(f"no package file at {shown(path)}")

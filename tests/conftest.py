@@ -52,6 +52,7 @@ class Packages:
     unbatched: pathlib.Path
     foreign: pathlib.Path
     static: pathlib.Path
+    norm: pathlib.Path
 
 
 def _build_two_input(path: pathlib.Path) -> None:
@@ -102,6 +103,10 @@ def _build_static(path: pathlib.Path) -> None:
     build_package(demo_model(), {"x": torch.randn(4, 16)}, path, static_batch=4, output_names=["logits"])
 
 
+def _build_norm(path: pathlib.Path) -> None:
+    build_package(models.make_norm(), {"x": torch.randn(4, 8)}, path, max_batch_size=32, output_names=["y"])
+
+
 @pytest.fixture(scope="session")
 def packages() -> Packages:
     return Packages(
@@ -112,6 +117,7 @@ def packages() -> Packages:
         static=cached_package(
             CACHE, "static", [MODELS_SOURCE, inspect.getsource(_build_static)], _build_static
         ),
+        norm=cached_package(CACHE, "norm", [MODELS_SOURCE, inspect.getsource(_build_norm)], _build_norm),
     )
 
 

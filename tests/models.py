@@ -34,6 +34,31 @@ class Unbatched(torch.nn.Module):
         return torch.tanh(self.weight @ v)
 
 
+class NormNet(torch.nn.Module):
+    """BatchNorm running statistics and a registered buffer: constants of the
+    runtime's Buffer type, which staging treats unlike parameters. 128 features
+    keep them from being folded into the compiled code."""
+
+    def __init__(self, seed: int = 3) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.fc = torch.nn.Linear(8, 128)
+        self.bn = torch.nn.BatchNorm1d(128)
+        self.head = torch.nn.Linear(128, 4)
+        self.register_buffer("scale", torch.rand(128, generator=g) + 0.5)
+        with torch.no_grad():
+            for tensor in (*self.parameters(), self.bn.running_mean):
+                tensor.copy_(torch.randn(tensor.shape, generator=g))
+            self.bn.running_var.copy_(torch.rand(128, generator=g) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.fc(x)) * self.scale))
+
+
+def make_norm(seed: int = 3) -> NormNet:
+    return NormNet(seed).eval()
+
+
 def make_two_input() -> TwoInputNet:
     return TwoInputNet().eval()
 
