@@ -20,6 +20,9 @@ OUT = ROOT / "service" / "pb"
 # protoc writes absolute imports (`from pt2serve.v1 import x_pb2`); the modules
 # live flat in service/pb, so imports between them become relative.
 _IMPORT = re.compile(r"^from pt2serve(?:\.\w+)+ import (\w+_pb2)", re.MULTILINE)
+# Descriptors go into service/pb's own pool (see service/pb/__init__.py).
+_DEFAULT_POOL = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
+_OWN_POOL = "from . import POOL as _POOL\nDESCRIPTOR = _POOL.AddSerializedFile("
 
 
 def generate(dest: pathlib.Path) -> list[pathlib.Path]:
@@ -41,7 +44,7 @@ def generate(dest: pathlib.Path) -> list[pathlib.Path]:
             raise SystemExit("protoc failed")
         written = []
         for path in sorted(pathlib.Path(tmp).rglob("*_pb2*.py*")):
-            text = _IMPORT.sub(r"from . import \1", path.read_text())
+            text = _IMPORT.sub(r"from . import \1", path.read_text()).replace(_DEFAULT_POOL, _OWN_POOL)
             target = dest / path.name
             target.write_text(text)
             written.append(target)

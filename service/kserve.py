@@ -12,13 +12,13 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-import grpc
 import torch
 
-from loader.errors import InvalidInput, ModelNotFound, Pt2ServeError
+from loader.errors import InvalidInput, ModelNotFound, Pt2ServeError, shown
 from loader.schema import DTYPE_NAMES, DTYPES, ModelSchema, TensorSpec
 from scheduler.manager import LoadedModel, ModelConfig, ModelManager, PendingInference
 from service.convert import check_shape, itemsize, tensor_bytes, tensor_from_wire
+from service.errors import message_of
 from service.pb import grpc_service_pb2 as v2
 from service.pb import grpc_service_pb2_grpc as v2_grpc
 from service.servicer import Context, deadline_of
@@ -67,6 +67,13 @@ TYPED_FIELD = {
 }
 
 
+# Types narrower than the typed-contents field that carries them (int32, uint32).
+NARROW_INT_RANGES = {
+    name: (int(torch.iinfo(DTYPES[name]).min), int(torch.iinfo(DTYPES[name]).max))
+    for name in ("int8", "int16", "uint8")
+}
+
+
 def _server_version() -> str:
     try:
         return version("pt2serve")
@@ -77,7 +84,7 @@ def _server_version() -> str:
 def _check_version(requested: str) -> None:
     if requested not in ("", MODEL_VERSION):
         raise ModelNotFound(
-            f"model version {requested!r} does not exist; pt2serve serves version {MODEL_VERSION}"
+            f"model version {shown(requested)} does not exist; pt2serve serves version {MODEL_VERSION}"
         )
 
 
@@ -88,7 +95,7 @@ def _param_number(params: Mapping[str, v2.InferParameter], key: str) -> int | No
     choice = param.WhichOneof("parameter_choice")
     if choice in ("int64_param", "uint64_param"):
         return int(getattr(param, choice))
-    raise InvalidInput(f"parameters[{key!r}]: expected an integer, got {choice}")
+    raise InvalidInput(f"parameters[{shown(key)}]: expected an integer, got {choice}")
 
 
 def decode_inputs(request: v2.ModelInferRequest, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
@@ -101,12 +108,12 @@ def decode_inputs(request: v2.ModelInferRequest, max_bytes: int | None = None) -
         )
     tensors: dict[str, torch.Tensor] = {}
     for i, spec in enumerate(request.inputs):
-        field = f"inputs[{spec.name!r}]"
+        field = f"inputs[{shown(spec.name)}]"
         if spec.name in tensors:
             raise InvalidInput(f"{field}: given twice")
         name = FROM_DATATYPE.get(spec.datatype)
         if name is None:
-            raise InvalidInput(f"{field}: datatype {spec.datatype!r} is not supported")
+            raise InvalidInput(f"{field}: datatype {shown(spec.datatype)} is not supported")
         shape = list(spec.shape)
         if raw:
             if spec.HasField("contents"):
@@ -123,6 +130,13 @@ def decode_inputs(request: v2.ModelInferRequest, max_bytes: int | None = None) -
             values = list(getattr(spec.contents, typed))
             if len(values) != numel:
                 raise InvalidInput(f"{field}: {typed} has {len(values)} values, shape {shape} needs {numel}")
+            bounds = NARROW_INT_RANGES.get(name)
+            if bounds is not None and values and not bounds[0] <= min(values) <= max(values) <= bounds[1]:
+                bad = next(v for v in values if not bounds[0] <= v <= bounds[1])
+                low, high = bounds
+                raise InvalidInput(
+                    f"{field}: {typed} value {bad} is out of range for {spec.datatype} ({low}..{high})"
+                )
             tensor = torch.tensor(values, dtype=dtype) if values else torch.empty(0, dtype=dtype)
             tensors[spec.name] = tensor.reshape(shape)
     return tensors
@@ -329,7 +343,7 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
                 infer_response=encode_response(request, result.outputs, result.constants_version)
             )
         except Pt2ServeError as exc:
-            message = str(exc)
+            message = message_of(exc)
         except Exception as exc:
             log.exception("stream request %r failed", request.id)
             message = f"internal error: {exc}"
@@ -366,9 +380,9 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
             config = ModelConfig(name=name, package_path=self._confine(path, "parameters['package_path']"))
         elif config is None:
             config = ModelConfig(name=name, package_path=self._confine(f"{name}.pt2", "model_name"))
-        if name in {m.config.name for m in self._manager.models()}:
-            await self._manager.unload(name)  # a load of a loaded model reloads it
-        await self._manager.load(config)
+        # Triton's semantics: loading a loaded model reloads it. The new one replaces
+        # the old only once it is ready; if it fails, the old one keeps serving.
+        await self._manager.reload(config)
         return v2.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
@@ -378,26 +392,7 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
         return v2.RepositoryModelUnloadResponse()
 
 
-SERVICE_NAME = "inference.GRPCInferenceService"
-
-
-def add_kserve_to_server(servicer: KServeServicer, server: grpc.aio.Server) -> None:
-    """Register the servicer under the protocol's service name, `inference.GRPCInferenceService`."""
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-    for method in v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
-        request_type = getattr(v2, method.input_type.name)
-        response_type = getattr(v2, method.output_type.name)
-        make = (
-            grpc.stream_stream_rpc_method_handler
-            if method.client_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
-        handlers[method.name] = make(
-            getattr(servicer, method.name),
-            request_deserializer=request_type.FromString,
-            response_serializer=response_type.SerializeToString,
-        )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 def _duration(count: int, seconds: float) -> v2.StatisticDuration:

@@ -3,24 +3,45 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
-from grpc_reflection.v1alpha import reflection
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry
 
 from loader.native import clean_stale_extractions
 from scheduler.manager import ModelManager
 from service.config import ServerConfig
-from service.errors import DomainErrorInterceptor
+from service.errors import CallsInFlight, DomainErrorInterceptor
 from service.health import SERVICES, ModelHealth
 from service.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
-from service.kserve import KServeServicer, add_kserve_to_server
+from service.kserve import KServeServicer
 from service.metrics import GrpcMetricsInterceptor, new_registry, register_metrics
+from service.pb import POOL
+from service.pb import grpc_service_pb2_grpc as v2_grpc
 from service.pb import pt2serve_pb2_grpc as pb_grpc
 from service.security import ManagementAuthInterceptor, read_token, server_credentials
 from service.servicer import InferenceServicer, ModelLoaderServicer
 
 log = logging.getLogger(__name__)
+# While draining, the listener closes once no unary call has arrived for this long:
+# closing it under traffic makes gRPC cancel the calls it holds (CANCELLED, which
+# clients do not retry), while the draining server answers UNAVAILABLE (retried).
+DRAIN_QUIET_S = 0.25
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def reflection_pool() -> descriptor_pool.DescriptorPool:
+    """service/pb's pool with the health and reflection protos added, so reflection
+    describes every service on the port from one pool."""
+    for file in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        try:
+            POOL.FindFileByName(file.name)
+        except KeyError:
+            POOL.AddSerializedFile(file.serialized_pb)
+    return POOL
 
 
 class Pt2Server:
@@ -37,10 +58,13 @@ class Pt2Server:
         self.manager.telemetry = metrics
         self._grpc_metrics = GrpcMetricsInterceptor(registry)
         self.health = ModelHealth()
+        # Health follows the models, however they are loaded or unloaded.
+        self.manager.on_change(self.health.set_serving)
         self.port = 0
         # True once the configured models are loaded, until shutdown begins.
         self.ready = False
         self._server: grpc.aio.Server | None = None
+        self._calls = CallsInFlight()
 
     async def start(self) -> int:
         """Listen, then load the configured models; returns the bound gRPC port."""
@@ -62,10 +86,10 @@ class Pt2Server:
         token = read_token(cfg.management_token_file)
         if token:
             interceptors.append(ManagementAuthInterceptor(token))
-        interceptors.append(DomainErrorInterceptor())
+        interceptors.append(DomainErrorInterceptor(self._calls))
         server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_ModelLoaderServicer_to_server(  # type: ignore[no-untyped-call]
-            ModelLoaderServicer(self.manager, self.health, cfg.confine, cfg.max_tensor_bytes), server
+            ModelLoaderServicer(self.manager, cfg.confine, cfg.max_tensor_bytes), server
         )
         pb_grpc.add_InferenceServicer_to_server(  # type: ignore[no-untyped-call]
             InferenceServicer(self.manager, cfg.max_tensor_bytes), server
@@ -77,12 +101,12 @@ class Pt2Server:
             lambda: self.ready,
             cfg.max_tensor_bytes,
         )
-        add_kserve_to_server(kserve, server)
-        from grpc_health.v1 import health_pb2_grpc
-
+        v2_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection(
-            (*SERVICES, KSERVE_SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), server
+            (*SERVICES, KSERVE_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
+            server,
+            pool=reflection_pool(),
         )
         address = f"{cfg.host}:{cfg.grpc_port}"
         if cfg.tls_cert_file and cfg.tls_key_file:
@@ -106,22 +130,27 @@ class Pt2Server:
         )
         for model in cfg.models:
             await self.manager.load(model)
-            await self.health.set_serving(model.name, True)
         await self.health.set_server(True)
         self.ready = True
         return self.port
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Stop taking new calls, let queued and running requests finish within the
-        grace, then close every model."""
+        """Drain, then close: readiness turns NOT_SERVING; queued and running requests
+        finish within the grace while new ones are refused with UNAVAILABLE (clients
+        retry those elsewhere); the listener stays open until no call has arrived for
+        DRAIN_QUIET_S (or the grace is over), and only then closes. The listener is
+        closed even if draining fails."""
         grace = self.config.drain_grace_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
         self.ready = False
-        await self.health.set_server(False)
-        for model in self.manager.models():
-            await self.health.set_serving(model.config.name, False)
-        await self.manager.close(grace)
-        if self._server is not None:
-            await self._server.stop(grace)
+        try:
+            await self.health.set_server(False)
+            await self.manager.close(grace)
+            if not await self._calls.wait_quiet(DRAIN_QUIET_S, deadline):
+                log.info("drain grace over: closing with %d call(s) in handlers", self._calls.count)
+        finally:
+            if self._server is not None:
+                await self._server.stop(max(deadline - time.monotonic(), 0.0))
         manager = self.manager
         log.info(
             "stopped: %d requests accepted, %d answered, %d succeeded",

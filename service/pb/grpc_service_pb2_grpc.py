@@ -35,62 +35,62 @@ class GRPCInferenceServiceStub:
             channel: A grpc.Channel.
         """
         self.ServerLive = channel.unary_unary(
-                '/pt2serve.kserve.v2.GRPCInferenceService/ServerLive',
+                '/inference.GRPCInferenceService/ServerLive',
                 request_serializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
                 response_deserializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ServerLiveResponse.FromString,
                 _registered_method=True)
         self.ServerReady = channel.unary_unary(
-                '/pt2serve.kserve.v2.GRPCInferenceService/ServerReady',
+                '/inference.GRPCInferenceService/ServerReady',
                 request_serializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
                 response_deserializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ServerReadyResponse.FromString,
                 _registered_method=True)
         self.ModelReady = channel.unary_unary(
-                '/pt2serve.kserve.v2.GRPCInferenceService/ModelReady',
+                '/inference.GRPCInferenceService/ModelReady',
                 request_serializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
                 response_deserializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelReadyResponse.FromString,
                 _registered_method=True)
         self.ServerMetadata = channel.unary_unary(
-                '/pt2serve.kserve.v2.GRPCInferenceService/ServerMetadata',
+                '/inference.GRPCInferenceService/ServerMetadata',
                 request_serializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
                 response_deserializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelMetadata = channel.unary_unary(
-                '/pt2serve.kserve.v2.GRPCInferenceService/ModelMetadata',
+                '/inference.GRPCInferenceService/ModelMetadata',
                 request_serializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
                 response_deserializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelInfer = channel.unary_unary(
-                '/pt2serve.kserve.v2.GRPCInferenceService/ModelInfer',
+                '/inference.GRPCInferenceService/ModelInfer',
                 request_serializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
                 response_deserializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
         self.ModelStreamInfer = channel.stream_stream(
-                '/pt2serve.kserve.v2.GRPCInferenceService/ModelStreamInfer',
+                '/inference.GRPCInferenceService/ModelStreamInfer',
                 request_serializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
                 response_deserializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
                 _registered_method=True)
         self.ModelConfig = channel.unary_unary(
-                '/pt2serve.kserve.v2.GRPCInferenceService/ModelConfig',
+                '/inference.GRPCInferenceService/ModelConfig',
                 request_serializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
                 response_deserializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelConfigResponse.FromString,
                 _registered_method=True)
         self.ModelStatistics = channel.unary_unary(
-                '/pt2serve.kserve.v2.GRPCInferenceService/ModelStatistics',
+                '/inference.GRPCInferenceService/ModelStatistics',
                 request_serializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
                 response_deserializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
                 _registered_method=True)
         self.RepositoryIndex = channel.unary_unary(
-                '/pt2serve.kserve.v2.GRPCInferenceService/RepositoryIndex',
+                '/inference.GRPCInferenceService/RepositoryIndex',
                 request_serializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
                 response_deserializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.RepositoryIndexResponse.FromString,
                 _registered_method=True)
         self.RepositoryModelLoad = channel.unary_unary(
-                '/pt2serve.kserve.v2.GRPCInferenceService/RepositoryModelLoad',
+                '/inference.GRPCInferenceService/RepositoryModelLoad',
                 request_serializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
                 response_deserializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.RepositoryModelLoadResponse.FromString,
                 _registered_method=True)
         self.RepositoryModelUnload = channel.unary_unary(
-                '/pt2serve.kserve.v2.GRPCInferenceService/RepositoryModelUnload',
+                '/inference.GRPCInferenceService/RepositoryModelUnload',
                 request_serializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.RepositoryModelUnloadRequest.SerializeToString,
                 response_deserializer=pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.RepositoryModelUnloadResponse.FromString,
                 _registered_method=True)
@@ -236,9 +236,9 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'pt2serve.kserve.v2.GRPCInferenceService', rpc_method_handlers)
+            'inference.GRPCInferenceService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('pt2serve.kserve.v2.GRPCInferenceService', rpc_method_handlers)
+    server.add_registered_method_handlers('inference.GRPCInferenceService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -259,7 +259,7 @@ class GRPCInferenceService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pt2serve.kserve.v2.GRPCInferenceService/ServerLive',
+            '/inference.GRPCInferenceService/ServerLive',
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ServerLiveResponse.FromString,
             options,
@@ -286,7 +286,7 @@ class GRPCInferenceService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pt2serve.kserve.v2.GRPCInferenceService/ServerReady',
+            '/inference.GRPCInferenceService/ServerReady',
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ServerReadyResponse.FromString,
             options,
@@ -313,7 +313,7 @@ class GRPCInferenceService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pt2serve.kserve.v2.GRPCInferenceService/ModelReady',
+            '/inference.GRPCInferenceService/ModelReady',
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelReadyResponse.FromString,
             options,
@@ -340,7 +340,7 @@ class GRPCInferenceService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pt2serve.kserve.v2.GRPCInferenceService/ServerMetadata',
+            '/inference.GRPCInferenceService/ServerMetadata',
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
             options,
@@ -367,7 +367,7 @@ class GRPCInferenceService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pt2serve.kserve.v2.GRPCInferenceService/ModelMetadata',
+            '/inference.GRPCInferenceService/ModelMetadata',
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
             options,
@@ -394,7 +394,7 @@ class GRPCInferenceService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pt2serve.kserve.v2.GRPCInferenceService/ModelInfer',
+            '/inference.GRPCInferenceService/ModelInfer',
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelInferResponse.FromString,
             options,
@@ -421,7 +421,7 @@ class GRPCInferenceService:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/pt2serve.kserve.v2.GRPCInferenceService/ModelStreamInfer',
+            '/inference.GRPCInferenceService/ModelStreamInfer',
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
             options,
@@ -448,7 +448,7 @@ class GRPCInferenceService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pt2serve.kserve.v2.GRPCInferenceService/ModelConfig',
+            '/inference.GRPCInferenceService/ModelConfig',
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelConfigResponse.FromString,
             options,
@@ -475,7 +475,7 @@ class GRPCInferenceService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pt2serve.kserve.v2.GRPCInferenceService/ModelStatistics',
+            '/inference.GRPCInferenceService/ModelStatistics',
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
             options,
@@ -502,7 +502,7 @@ class GRPCInferenceService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pt2serve.kserve.v2.GRPCInferenceService/RepositoryIndex',
+            '/inference.GRPCInferenceService/RepositoryIndex',
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.RepositoryIndexResponse.FromString,
             options,
@@ -529,7 +529,7 @@ class GRPCInferenceService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pt2serve.kserve.v2.GRPCInferenceService/RepositoryModelLoad',
+            '/inference.GRPCInferenceService/RepositoryModelLoad',
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.RepositoryModelLoadResponse.FromString,
             options,
@@ -556,7 +556,7 @@ class GRPCInferenceService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pt2serve.kserve.v2.GRPCInferenceService/RepositoryModelUnload',
+            '/inference.GRPCInferenceService/RepositoryModelUnload',
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.RepositoryModelUnloadRequest.SerializeToString,
             pt2serve_dot_kserve_dot_v2_dot_grpc__service__pb2.RepositoryModelUnloadResponse.FromString,
             options,

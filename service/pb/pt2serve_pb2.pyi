@@ -95,7 +95,7 @@ class BatchingConfig(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., default_timeout_us: _Optional[int] = ..., priority_levels: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., max_rows_per_request: _Optional[int] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("name", "package_path", "model_name", "run_single_threaded", "num_runners", "device_indices", "schema", "batching", "runtime")
+    __slots__ = ("name", "package_path", "model_name", "run_single_threaded", "num_runners", "device_indices", "schema", "batching", "runtime", "skip_warmup")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PACKAGE_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class LoadModelRequest(_message.Message):
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    SKIP_WARMUP_FIELD_NUMBER: _ClassVar[int]
     name: str
     package_path: str
     model_name: str
@@ -114,7 +115,8 @@ class LoadModelRequest(_message.Message):
     schema: ModelSchema
     batching: BatchingConfig
     runtime: str
-    def __init__(self, name: _Optional[str] = ..., package_path: _Optional[str] = ..., model_name: _Optional[str] = ..., run_single_threaded: _Optional[bool] = ..., num_runners: _Optional[int] = ..., device_indices: _Optional[_Iterable[int]] = ..., schema: _Optional[_Union[ModelSchema, _Mapping]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., runtime: _Optional[str] = ...) -> None: ...
+    skip_warmup: bool
+    def __init__(self, name: _Optional[str] = ..., package_path: _Optional[str] = ..., model_name: _Optional[str] = ..., run_single_threaded: _Optional[bool] = ..., num_runners: _Optional[int] = ..., device_indices: _Optional[_Iterable[int]] = ..., schema: _Optional[_Union[ModelSchema, _Mapping]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., runtime: _Optional[str] = ..., skip_warmup: _Optional[bool] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
     __slots__ = ("name", "package_path", "model_name", "run_single_threaded", "num_runners", "device_indices", "schema", "batching", "constants_version", "runtime", "statistics", "constants_label")
