@@ -118,6 +118,11 @@ def build_package(
             package_path=tmp,
             inductor_configs={"aot_inductor.metadata": stored},
         )
+        # mkstemp creates 0600; a package is read by whoever serves it (another user
+        # in a container): give it the mode a plain file gets under the umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, output_path)
     finally:
         if os.path.exists(tmp):

@@ -76,3 +76,17 @@ class Unavailable(Pt2ServeError):
 
 class ExecutionFailed(Pt2ServeError):
     kind = ErrorKind.INTERNAL
+
+
+# Client-given values are echoed in messages at most this long: messages travel back
+# in gRPC trailers, whose size is limited, and a log line should stay readable.
+ECHO_LIMIT = 200
+
+
+def shown(value: object, limit: int = ECHO_LIMIT) -> str:
+    """`value` quoted (repr) for an error message, cut to `limit` characters."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, str | bytes) else ""
+    return f"{text[:limit]}…{size}"

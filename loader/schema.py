@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Any
 
 import torch
 
-from loader.errors import InvalidInput, PackageError
+from loader.errors import InvalidInput, PackageError, shown
 
 METADATA_KEY = "pt2serve.schema"
 
@@ -162,7 +162,7 @@ class ModelSchema:
         unknown = sorted(set(inputs) - set(self.input_names))
         if unknown:
             raise InvalidInput(
-                f"unknown input {unknown[0]!r}; expected inputs: {', '.join(self.input_names)}"
+                f"unknown input {shown(unknown[0])}; expected inputs: {', '.join(self.input_names)}"
             )
         ordered: list[torch.Tensor] = []
         rows: dict[str, int] = {}
@@ -210,6 +210,40 @@ class ModelSchema:
             if rows < low or (limit is not None and rows > limit):
                 return None
         return ordered
+
+    def warmup_inputs(self) -> list[torch.Tensor] | None:
+        """Zeros of the smallest shape every input admits, in call order (a warm-up
+        batch); None when an input's dtype or rank is unknown."""
+        inputs = []
+        for spec in self.inputs:
+            if spec.dtype is None or spec.dims is None:
+                return None
+            shape = [d.size if d.size is not None else max(d.min, 1) for d in spec.dims]
+            if self.batched and shape:
+                shape[0] = self.static_batch or max(self.min_rows, 1)
+            inputs.append(torch.zeros(shape, dtype=DTYPES[spec.dtype]))
+        return inputs
+
+    def with_outputs_of(self, outputs: Sequence[torch.Tensor]) -> ModelSchema:
+        """This schema with each output's unknown dtype and shape taken from a warm-up
+        run's `outputs`. A dim that may follow a dynamic input dim stays dynamic."""
+        if len(outputs) != len(self.outputs):
+            raise PackageError(
+                f"the model returned {len(outputs)} outputs, its schema names {len(self.outputs)}"
+            )
+        fixed_tail = all(
+            d.size is not None for s in self.inputs for d in (s.dims or ())[1 if self.batched else 0 :]
+        )
+        filled = []
+        for spec, tensor in zip(self.outputs, outputs, strict=True):
+            dtype = spec.dtype or DTYPE_NAMES.get(tensor.dtype)
+            dims = spec.dims
+            if dims is None:
+                dims = tuple(Dim(size) if fixed_tail else Dim(None) for size in tensor.shape)
+                if self.batched and dims and self.static_batch is None:
+                    dims = (Dim(None, self.min_rows, self.max_rows), *dims[1:])
+            filled.append(TensorSpec(spec.name, dtype, dims))
+        return ModelSchema(self.inputs, tuple(filled), self.batched, self.source)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -343,12 +377,23 @@ class ConstantSpec:
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     from_folded: bool
+    # The runtime's ConstantType: "Parameter", "Buffer", "TensorConstant" ("" if unknown).
+    kind: str = ""
 
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def refilled_when_staging(self) -> bool:
+        """Whether every staging call (`use_inactive`) that leaves this constant out
+        copies it from the active buffer (model_container.h): buffers, tensor
+        constants and empty parameters. Staging such a constant on its own is undone
+        by the next staging call that omits it. Unknown kinds count as refilled."""
+        return not (self.kind == "Parameter" and self.numel() > 0)
+
 
 _CONST_FIELD = re.compile(r"constants_info_\[(\d+)\]\.(\w+) = (.*?);\n")
+_CONST_TYPE = re.compile(r"ConstantType::(\w+)")
 
 
 def constants_from_wrapper(source: str) -> dict[str, ConstantSpec]:
@@ -366,8 +411,14 @@ def constants_from_wrapper(source: str) -> dict[str, ConstantSpec]:
             shape=_int_list(raw.get("shape", "{}")),
             stride=_int_list(raw.get("stride", "{}")),
             from_folded=raw.get("from_folded") == "true",
+            kind=_constant_kind(raw.get("type", "")),
         )
     return specs
+
+
+def _constant_kind(value: str) -> str:
+    match = _CONST_TYPE.search(value)
+    return match.group(1) if match else ""
 
 
 def _unquote(value: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from loader.errors import InvalidInput, PackageNotFound
+from loader.errors import InvalidInput, PackageNotFound, shown
 
 
 class WeightFile:
@@ -43,7 +43,7 @@ class WeightFile:
 def open_weights(path: str) -> Iterator[WeightFile]:
     """Open a weight file; the kind is told by its contents, not its name."""
     if not os.path.isfile(path):
-        raise PackageNotFound(f"no weight file at {path!r}")
+        raise PackageNotFound(f"no weight file at {shown(path)}")
     weights = WeightFile(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -51,9 +51,9 @@ def open_weights(path: str) -> Iterator[WeightFile]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:
-            raise InvalidInput(f"{path!r} is not a weights-only torch.save file: {exc}") from exc
+            raise InvalidInput(f"{shown(path)} is not a weights-only torch.save file: {exc}") from exc
         if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-            raise InvalidInput(f"{path!r} does not hold a state dict (a dict of name -> tensor)")
+            raise InvalidInput(f"{shown(path)} does not hold a state dict (a dict of name -> tensor)")
         weights._state = state
         yield weights
         return
@@ -63,7 +63,7 @@ def open_weights(path: str) -> Iterator[WeightFile]:
         handle = safe_open(path, framework="pt", device="cpu")
     except Exception as exc:
         raise InvalidInput(
-            f"{path!r} is neither a safetensors file nor a torch.save state dict: {exc}"
+            f"{shown(path)} is neither a safetensors file nor a torch.save state dict: {exc}"
         ) from exc
     with handle as opened:
         weights._safetensors = opened

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -22,8 +22,10 @@ from loader.errors import (
     InvalidInput,
     ModelExists,
     ModelNotFound,
+    PackageError,
     Pt2ServeError,
     Unavailable,
+    shown,
 )
 from loader.package import CallSpec, LoadOptions, ModelPackage, load_metadata_from_package
 from loader.schema import ConstantSpec, ModelSchema
@@ -45,21 +47,25 @@ class ModelConfig:
     schema: ModelSchema | None = None
     batching: BatchingConfig | None = None  # None: defaults sized from the schema
     runtime: str = "native"  # or "binding": see loader.package.LoadOptions
+    # Run one batch of zeros at load (like Triton's model warmup): the first client
+    # does not pay the cold start, and outputs the package does not describe get
+    # their dtype and shape from it.
+    warmup: bool = True
 
     def __post_init__(self) -> None:
         if not self.name:
             raise InvalidInput("model name must not be empty")
         if not self.package_path:
-            raise InvalidInput(f"model {self.name!r}: package_path must not be empty")
+            raise InvalidInput(f"model {shown(self.name)}: package_path must not be empty")
         if self.num_runners < 1:
-            raise InvalidInput(f"model {self.name!r}: num_runners must be at least 1")
+            raise InvalidInput(f"model {shown(self.name)}: num_runners must be at least 1")
         if self.run_single_threaded and self.num_runners != 1:
             raise InvalidInput(
-                f"model {self.name!r}: run_single_threaded runs one runner per device; "
+                f"model {shown(self.name)}: run_single_threaded runs one runner per device; "
                 f"num_runners must be 1, got {self.num_runners}"
             )
         if not self.device_indices:
-            raise InvalidInput(f"model {self.name!r}: device_indices must not be empty")
+            raise InvalidInput(f"model {shown(self.name)}: device_indices must not be empty")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +153,36 @@ class LoadedModel:
 
 DEFAULT_MAX_BATCH = 64
 UNKNOWN_MODEL_LABEL = "_unknown"
+# Called with (model name, serving) when a model starts or stops serving.
+ModelListener = Callable[[str, bool], Awaitable[None]]
+
+
+def _warm_up(config: ModelConfig, bindings: Sequence[ModelPackage]) -> ModelSchema:
+    """Run one batch of zeros on every binding; returns the schema with the outputs'
+    dtypes and shapes filled in where the package left them unknown."""
+    schema = bindings[0].schema
+    inputs = schema.warmup_inputs()
+    if inputs is None:
+        log.info("model %r: no warm-up (an input's dtype or shape is unknown)", config.name)
+        return schema
+    started = time.monotonic()
+    for binding in bindings:
+        try:
+            outputs = _DeviceRunner(binding).run([t.clone() for t in inputs])
+        except Pt2ServeError as exc:
+            raise PackageError(
+                f"model {shown(config.name)}: the warm-up run failed ({exc}); "
+                "load it with warm-up off (warmup = false) to skip it"
+            ) from exc
+        binding.schema = schema = schema.with_outputs_of(outputs)
+    log.info(
+        "model %r: warm-up batch of %s on %d binding(s) in %.1f ms",
+        config.name,
+        [list(t.shape) for t in inputs],
+        len(bindings),
+        (time.monotonic() - started) * 1e3,
+    )
+    return schema
 
 
 def fit_batching(schema: ModelSchema, given: BatchingConfig | None) -> BatchingConfig:
@@ -173,60 +209,93 @@ class ModelManager:
         self._models: dict[str, LoadedModel] = {}
         self._loading: set[str] = set()
         self._closing = False
+        self._listeners: list[ModelListener] = []
 
     # ------------------------------------------------------------ lifecycle
+    def on_change(self, listener: ModelListener) -> None:
+        """Call `listener(name, serving)` whenever a model starts or stops serving
+        (load, reload, unload, shutdown), whoever asked for it."""
+        self._listeners.append(listener)
+
+    async def _notify(self, name: str, serving: bool) -> None:
+        for listener in self._listeners:
+            await listener(name, serving)
+
     async def load(self, config: ModelConfig) -> LoadedModel:
+        if config.name in self._models:
+            raise ModelExists(f"model {shown(config.name)} is already loaded")
+        return await self._load(config, replace=False)
+
+    async def reload(self, config: ModelConfig, grace_s: float = 5.0) -> LoadedModel:
+        """Load `config` and serve it under its name, replacing the model of that name
+        once the new one is ready. If the load fails, the old model keeps serving.
+        Requests queued for the old model finish on it (within `grace_s`)."""
+        return await self._load(config, replace=True, grace_s=grace_s)
+
+    async def _load(self, config: ModelConfig, *, replace: bool, grace_s: float = 5.0) -> LoadedModel:
         if self._closing:
             raise Unavailable("the server is shutting down")
-        if config.name in self._models or config.name in self._loading:
-            raise ModelExists(f"model {config.name!r} is already loaded")
+        if config.name in self._loading:
+            raise ModelExists(f"model {shown(config.name)} is being loaded")
         self._loading.add(config.name)
         started = time.monotonic()
         try:
-            bindings = await asyncio.to_thread(self._load_bindings, config)
-            try:
-                batching = fit_batching(bindings[0].schema, config.batching)
-            except BaseException:
-                for binding in bindings:
-                    binding.close()
-                raise
-            slots = [
-                RunnerSlot(
-                    _DeviceRunner(b),
-                    1 if config.run_single_threaded else config.num_runners,
-                    label=str(b.device),
-                )
-                for b in bindings
-            ]
-            schema = bindings[0].schema
-            scheduler = ModelScheduler(
-                config.name,
-                slots,
-                batching,
-                batched=schema.batched,
-                pad_to=schema.static_batch,
-                telemetry=self.telemetry,
-            )
-            scheduler.start()
-            model = LoadedModel(config, bindings, scheduler)
+            model = await asyncio.to_thread(self._prepare, config)
+            if self._closing:
+                await self._close_model(model, 0.0)
+                raise Unavailable("the server is shutting down")
+            model.scheduler.start()
+            old = self._models.get(config.name) if replace else None
             self._models[config.name] = model
             log.info(
-                "loaded model %r from %s in %.1fs: devices %s, %d runner(s) each, max batch %d, schema %s",
+                "%s model %r from %s in %.1fs: devices %s, %d runner(s) each, max batch %d, schema %s",
+                "reloaded" if old is not None else "loaded",
                 config.name,
                 config.package_path,
                 time.monotonic() - started,
                 list(config.device_indices),
                 model.effective_runners,
-                batching.max_batch_size,
+                model.scheduler.config.max_batch_size,
                 model.schema.source,
             )
             self.telemetry.model_loaded(config.name, time.monotonic() - started, True)
-            return model
         except BaseException:
             self.telemetry.model_loaded(config.name, time.monotonic() - started, False)
             raise
         finally:
             self._loading.discard(config.name)
+        await self._notify(config.name, True)
+        if old is not None:
+            await self._close_model(old, grace_s)
+        return model
+
+    def _prepare(self, config: ModelConfig) -> LoadedModel:
+        """Load every binding, warm it up and build its scheduler (not yet started)."""
+        bindings = self._load_bindings(config)
+        try:
+            schema = bindings[0].schema
+            if config.warmup:
+                schema = _warm_up(config, bindings)
+            batching = fit_batching(schema, config.batching)
+        except BaseException:
+            for binding in bindings:
+                binding.close()
+            raise
+        slots = [
+            RunnerSlot(
+                _DeviceRunner(b), 1 if config.run_single_threaded else config.num_runners, label=str(b.device)
+            )
+            for b in bindings
+        ]
+        scheduler = ModelScheduler(
+            config.name,
+            slots,
+            batching,
+            batched=schema.batched,
+            pad_to=schema.static_batch,
+            telemetry=self.telemetry,
+        )
+        return LoadedModel(config, bindings, scheduler)
 
     @staticmethod
     def _load_bindings(config: ModelConfig) -> list[ModelPackage]:
@@ -244,6 +313,7 @@ class ModelManager:
     async def unload(self, name: str, grace_s: float = 5.0) -> None:
         model = self.get(name)
         del self._models[name]
+        await self._notify(name, False)
         await self._close_model(model, grace_s)
         self.telemetry.model_unloaded(name)
         log.info("unloaded model %r", name)
@@ -259,6 +329,8 @@ class ModelManager:
         self._closing = True
         models = list(self._models.values())
         self._models.clear()
+        for model in models:
+            await self._notify(model.config.name, False)
         await asyncio.gather(*(self._close_model(m, grace_s) for m in models))
 
     def get(self, name: str) -> LoadedModel:
@@ -267,7 +339,7 @@ class ModelManager:
         model = self._models.get(name)
         if model is None:
             known = ", ".join(sorted(self._models)) or "none"
-            raise ModelNotFound(f"model {name!r} is not loaded; loaded models: {known}")
+            raise ModelNotFound(f"model {shown(name)} is not loaded; loaded models: {known}")
         return model
 
     def models(self) -> list[LoadedModel]:
@@ -300,7 +372,7 @@ class ModelManager:
             unknown = [n for n in output_names if n not in schema.output_names]
             if unknown:
                 raise InvalidInput(
-                    f"unknown output {unknown[0]!r}; model {name!r} has outputs: "
+                    f"unknown output {shown(unknown[0])}; model {shown(name)} has outputs: "
                     f"{', '.join(schema.output_names)}"
                 )
             ordered = schema.validate(inputs, row_limit=model.scheduler.config.row_limit)
@@ -483,10 +555,17 @@ class ModelManager:
             for package in model.bindings:
                 package.swap_constant_buffer()
 
+        def prepare() -> None:
+            for package in model.bindings:
+                package.check_swappable()
+                package.prepare_swap()
+
         started = time.monotonic()
         ok = False
         try:
             async with model.constants_lock:
+                # Completing the inactive buffer does not touch running batches.
+                await asyncio.to_thread(prepare)
                 await model.scheduler.exclusive(swap, bump_version=True)
                 model.constants_label, model.staged_label = model.staged_label, ""
                 model.constants_updated_at = time.time()
@@ -558,7 +637,7 @@ class ConstantUpload:
         """Validate one constant on every binding; stage it now, or keep it for commit."""
         assert self._locked, "use `async with upload:`"
         if key in self._seen:
-            raise InvalidInput(f"constant {key!r} given twice")
+            raise InvalidInput(f"constant {shown(key)} given twice")
         per_binding = self._on_each_device({key: tensor})
         for package, moved in per_binding:
             package.validate_constants(moved, by_fqn=self._by_fqn, full=False)
@@ -580,7 +659,7 @@ class ConstantUpload:
             keys = {s.fqn if self._by_fqn else s.internal_name for s in table}
             missing = sorted(keys - self._seen)
             if missing:
-                raise InvalidInput(f"full update requested but constant {missing[0]!r} is missing")
+                raise InvalidInput(f"full update requested but constant {shown(missing[0])} is missing")
         if self._use_inactive:
             model.staged_label = self._label
         else:

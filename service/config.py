@@ -8,7 +8,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from loader.errors import AccessDenied, InvalidInput
+from loader.errors import AccessDenied, InvalidInput, shown
 from loader.schema import ModelSchema
 from scheduler.batcher import BatchingConfig
 from scheduler.manager import ModelConfig
@@ -86,10 +86,12 @@ class ServerConfig:
         anything that ends up outside the root is refused."""
         if not path:
             raise InvalidInput(f"{field} must not be empty")
+        if "\0" in path:
+            raise InvalidInput(f"{field} {shown(path)} contains a NUL byte")
         root = pathlib.Path(self.model_root).resolve()
         target = (root / path).resolve()
         if target != root and root not in target.parents:
-            raise AccessDenied(f"{field} {path!r} is outside the server's model root")
+            raise AccessDenied(f"{field} {shown(path)} is outside the server's model root")
         return str(target)
 
 
@@ -164,6 +166,7 @@ _MODEL_KEYS = {
     "schema",
     "batching",
     "runtime",
+    "warmup",
 }
 _BATCHING_KEYS = {
     "max_batch_size",
@@ -210,6 +213,7 @@ def _model(entry: dict[str, Any], index: int, root: str) -> ModelConfig:
         schema=schema,
         batching=batching,
         runtime=str(entry.get("runtime", "native")),
+        warmup=bool(entry.get("warmup", True)),
     )
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loader.errors import InvalidInput
+from loader.errors import InvalidInput, shown
 from loader.schema import DTYPE_NAMES, DTYPES, ConstantSpec, Dim, ModelSchema, TensorSpec
 from scheduler.batcher import BatchingConfig
 from service.pb import pt2serve_pb2 as pb
@@ -152,7 +152,7 @@ def fill_tensor_pb(msg: pb.Tensor, tensor: torch.Tensor) -> None:
 def tensors_from_pb(
     msgs: Mapping[str, pb.Tensor], field: str, max_bytes: int | None = None
 ) -> dict[str, torch.Tensor]:
-    return {name: tensor_from_pb(t, f"{field}[{name!r}]", max_bytes) for name, t in msgs.items()}
+    return {name: tensor_from_pb(t, f"{field}[{shown(name)}]", max_bytes) for name, t in msgs.items()}
 
 
 def schema_to_pb(schema: ModelSchema) -> pb.ModelSchema:
@@ -242,7 +242,7 @@ class ChunkAssembler:
         self._open: dict[str, tuple[pb.Tensor, torch.Tensor, np.ndarray[Any, Any], int]] = {}
 
     def add(self, chunk: pb.TensorChunk) -> tuple[str, torch.Tensor] | None:
-        field = f"chunks[{chunk.fqn!r}]"
+        field = f"chunks[{shown(chunk.fqn)}]"
         if not chunk.fqn:
             raise InvalidInput("chunks: fqn is required")
         state = self._open.get(chunk.fqn)
@@ -281,7 +281,7 @@ class ChunkAssembler:
     def finish(self) -> None:
         """Raise if a constant is still missing bytes at the end of the stream."""
         for fqn, (_, _, raw, received) in self._open.items():
-            raise InvalidInput(f"chunks[{fqn!r}]: stream ended after {received} of {raw.nbytes} bytes")
+            raise InvalidInput(f"chunks[{shown(fqn)}]: stream ended after {received} of {raw.nbytes} bytes")
 
 
 def chunk_tensor(fqn: str, tensor: torch.Tensor, chunk_bytes: int) -> list[pb.TensorChunk]:

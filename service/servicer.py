@@ -27,8 +27,7 @@ from scheduler.manager import (
     PendingInference,
 )
 from service import convert
-from service.errors import status_of
-from service.health import ModelHealth
+from service.errors import message_of, status_of
 from service.pb import pt2serve_pb2 as pb
 from service.pb import pt2serve_pb2_grpc as pb_grpc
 
@@ -70,13 +69,11 @@ class ModelLoaderServicer(pb_grpc.ModelLoaderServicer):
     def __init__(
         self,
         manager: ModelManager,
-        health: ModelHealth,
         path_resolver: Any,
         max_tensor_bytes: int | None = None,
     ) -> None:
         self._max_tensor_bytes = max_tensor_bytes
         self._manager = manager
-        self._health = health
         self._resolve = path_resolver
 
     async def LoadModel(self, request: pb.LoadModelRequest, context: Context) -> pb.LoadModelResponse:
@@ -90,14 +87,12 @@ class ModelLoaderServicer(pb_grpc.ModelLoaderServicer):
             schema=convert.schema_from_pb(request.schema),
             batching=convert.batching_from_pb(request.batching),
             runtime=request.runtime or "native",
+            warmup=not request.skip_warmup,
         )
         model = await self._manager.load(config)
-        await self._health.set_serving(config.name, True)
         return pb.LoadModelResponse(model=model_status(model))
 
     async def UnloadModel(self, request: pb.UnloadModelRequest, context: Context) -> pb.UnloadModelResponse:
-        self._manager.get(request.name)
-        await self._health.set_serving(request.name, False)
         await self._manager.unload(request.name)
         return pb.UnloadModelResponse()
 
@@ -248,7 +243,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 answers.fill(slot, stream_response)
                 return
             except Pt2ServeError as exc:
-                error = pb.Error(code=status_of(exc).value[0], message=str(exc))
+                error = pb.Error(code=status_of(exc).value[0], message=message_of(exc))
             except Exception as exc:
                 log.exception("stream request %r failed", request.request_id)
                 error = pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message=f"internal error: {exc}")

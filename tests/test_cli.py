@@ -6,6 +6,7 @@ import os
 import pathlib
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -192,3 +193,11 @@ def test_constants_commands(server: subprocess.Popen[str], tmp_path: pathlib.Pat
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "out" / "logits.npy")), model(x))
     outside = pt2serve("constants", "load", "--target", target, "--model", "demo", "--file", "/etc/passwd")
     assert outside.returncode == 1 and "PERMISSION_DENIED" in outside.stderr
+
+
+def test_built_packages_are_readable_by_others(packages: Packages) -> None:
+    """`pt2serve build` (which made this package) leaves the mode the umask gives a
+    new file, not mkstemp's 0600: a container user other than the builder reads it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(packages.unbatched).st_mode) == 0o666 & ~umask

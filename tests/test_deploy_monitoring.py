@@ -86,3 +86,20 @@ def test_promtool_checks_and_unit_tests_the_rules() -> None:
         [promtool, "test", "rules", "pt2serve-rules.test.yml"], cwd=RULES, capture_output=True, text=True
     )
     assert tests.returncode == 0, tests.stdout + tests.stderr
+
+
+def test_every_dashboard_series_is_filtered_to_pt2serve() -> None:
+    """Other services export the same standard names (grpc_server_*, process_*): every
+    selector of the dashboard narrows to the chosen models or the pt2serve job."""
+    selector = re.compile(r"\b((?:pt2serve|grpc_server|process)_[a-z_]+)(\{[^}]*\})?")
+    unfiltered = []
+    for expr in queries(json.loads(DASHBOARD.read_text())):
+        for name, labels in selector.findall(expr):
+            if name.startswith("pt2serve_") and 'model=~"$model"' in labels:
+                continue
+            if 'job=~"$job"' in labels and (
+                not name.startswith("grpc_server_") or "grpc_service=~" in labels
+            ):
+                continue
+            unfiltered.append(f"{name}{labels}")
+    assert not unfiltered, unfiltered

@@ -9,16 +9,20 @@ import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from google.protobuf import message_factory
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from scheduler.manager import ModelConfig
 from service.config import ServerConfig
 from service.demo import demo_model
+from service.pb import grpc_service_pb2 as v2
 from service.pb import pt2serve_pb2 as pb
 from service.pb import pt2serve_pb2_grpc as pb_grpc
 from service.server import Pt2Server
@@ -221,4 +225,221 @@ def test_garbage_on_a_stream_ends_it_with_invalid_argument(live: LiveServer) -> 
         list(call(iter([b"\x00\x01\x02"]), timeout=30))
     assert info.value.code() == INVALID  # type: ignore[attr-defined]
     assert "not a valid protobuf message" in info.value.details()  # type: ignore[attr-defined]
+    _still_serving(live)
+
+
+# ------------------------------------------------ every field of every RPC
+LOADED = ("demo", "two")
+# Values that have broken servers: NUL bytes, huge names, paths that leave the root.
+AWKWARD_TEXT = ["", "x", "\0", "a\0b", "m" * 200_000, "../" * 4 + "etc/passwd", "/etc/passwd", "é☃"]
+INT_RANGES = {
+    FieldDescriptor.TYPE_INT32: (-(1 << 31), (1 << 31) - 1),
+    FieldDescriptor.TYPE_SINT32: (-(1 << 31), (1 << 31) - 1),
+    FieldDescriptor.TYPE_SFIXED32: (-(1 << 31), (1 << 31) - 1),
+    FieldDescriptor.TYPE_ENUM: (-(1 << 31), (1 << 31) - 1),
+    FieldDescriptor.TYPE_INT64: (-(1 << 63), (1 << 63) - 1),
+    FieldDescriptor.TYPE_SINT64: (-(1 << 63), (1 << 63) - 1),
+    FieldDescriptor.TYPE_SFIXED64: (-(1 << 63), (1 << 63) - 1),
+    FieldDescriptor.TYPE_UINT32: (0, (1 << 32) - 1),
+    FieldDescriptor.TYPE_FIXED32: (0, (1 << 32) - 1),
+    FieldDescriptor.TYPE_UINT64: (0, (1 << 64) - 1),
+    FieldDescriptor.TYPE_FIXED64: (0, (1 << 64) - 1),
+}
+
+
+def _integers(low: int, high: int) -> st.SearchStrategy[int]:
+    edges = [v for v in (low, high, -1, 0, 1, 2, 16, 127, 128, 255, 256, 1000, 1 << 20) if low <= v <= high]
+    return st.one_of(st.sampled_from(edges), st.integers(low, high))
+
+
+# Fields whose meaningful values random text would never hit.
+MEANINGFUL_TEXT = {
+    "datatype": ["INT8", "UINT8", "INT16", "INT32", "INT64", "FP16", "BF16", "FP32", "FP64", "BOOL", "BYTES"],
+    "fqn": ["hidden.weight", "out.weight", "out.bias"],
+    "name": ["x", "features", "ids", "logits", "hidden.weight"],
+}
+
+
+def _scalar(field: FieldDescriptor, known_names: bool) -> st.SearchStrategy[Any]:
+    kind = field.type
+    if kind == FieldDescriptor.TYPE_STRING:
+        texts = [*AWKWARD_TEXT, *MEANINGFUL_TEXT.get(field.name, ()), *(LOADED if known_names else ())]
+        return st.one_of(st.sampled_from(texts), st.text(max_size=12))
+    if kind == FieldDescriptor.TYPE_BYTES:
+        return st.binary(max_size=80)
+    if kind == FieldDescriptor.TYPE_BOOL:
+        return st.booleans()
+    if kind in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
+        return st.floats(width=32 if kind == FieldDescriptor.TYPE_FLOAT else 64)
+    return _integers(*INT_RANGES[kind])
+
+
+def fields_of(descriptor: Descriptor, known_names: bool, depth: int = 0) -> st.SearchStrategy[dict[str, Any]]:
+    """A dict of field values for `descriptor`: any subset of its fields, each with
+    values of its wire type (nested messages up to three levels)."""
+    entries: dict[str, st.SearchStrategy[Any]] = {}
+    for field in descriptor.fields:
+        if field.message_type is not None:
+            if depth >= 3:
+                continue
+            options = field.message_type.GetOptions()
+            if options.map_entry:
+                key_field, value_field = field.message_type.fields
+                value = _value(value_field, known_names, depth + 1)
+                keys = st.one_of(
+                    st.sampled_from(["x", "features", "ids", "priority", "timeout"]), st.text(max_size=8)
+                )
+                entries[field.name] = st.dictionaries(keys, value, max_size=3)
+                continue
+        value = _value(field, known_names, depth + 1)
+        entries[field.name] = st.lists(value, max_size=3) if _repeated(field) else value
+    return st.fixed_dictionaries({}, optional=entries)
+
+
+def _repeated(field: FieldDescriptor) -> bool:
+    return bool(field.label == FieldDescriptor.LABEL_REPEATED)
+
+
+def _value(field: FieldDescriptor, known_names: bool, depth: int) -> st.SearchStrategy[Any]:
+    if field.message_type is not None:
+        return fields_of(field.message_type, known_names, depth)
+    return _scalar(field, known_names)
+
+
+def _build_message(cls: Any, values: dict[str, Any]) -> Any:
+    message = cls()
+    for name, value in values.items():
+        field = cls.DESCRIPTOR.fields_by_name[name]
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            target = getattr(message, name)
+            for key, item in value.items():
+                if value_field.message_type is not None:
+                    target[key].CopyFrom(_build_message(_class_of(value_field.message_type), item))
+                else:
+                    target[key] = item
+        elif field.message_type is not None:
+            items = value if _repeated(field) else [value]
+            built = [_build_message(_class_of(field.message_type), item) for item in items]
+            if _repeated(field):
+                getattr(message, name).extend(built)
+            else:
+                getattr(message, name).CopyFrom(built[0])
+        elif _repeated(field):
+            getattr(message, name).extend(value)
+        else:
+            setattr(message, name, value)
+    return message
+
+
+def _class_of(descriptor: Descriptor) -> Any:
+    return message_factory.GetMessageClass(descriptor)
+
+
+# Methods that would take a served model away when given its name: fuzzed with
+# other names only, so a later case still finds the models.
+DESTRUCTIVE = {"UnloadModel", "RepositoryModelUnload", "RepositoryModelLoad"}
+METHODS = [
+    (service.full_name, method)
+    for module in (pb, v2)
+    for service in module.DESCRIPTOR.services_by_name.values()
+    for method in service.methods
+]
+
+
+@st.composite
+def rpc_cases(draw: st.DrawFn) -> tuple[str, MethodDescriptor, list[Any]]:
+    service, method = draw(st.sampled_from(METHODS))
+    known = method.name not in DESTRUCTIVE
+    count = draw(st.integers(0, 3)) if method.client_streaming else 1
+    cls = _class_of(method.input_type)
+    messages = [_build_message(cls, draw(fields_of(method.input_type, known))) for _ in range(count)]
+    return service, method, messages
+
+
+def _examples(cases: list[Any]) -> Any:
+    def decorate(test: Any) -> Any:
+        for case in reversed(cases):
+            test = example(case=case)(test)
+        return test
+
+    return decorate
+
+
+REFUSABLE_NEVER = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+
+
+def _case(service: str, method: str, *messages: Any) -> tuple[str, MethodDescriptor, list[Any]]:
+    (descriptor,) = [m for s, m in METHODS if s == service and m.name == method]
+    return service, descriptor, list(messages)
+
+
+def _typed_input(datatype: str, **contents: list[int]) -> v2.ModelInferRequest:
+    request = v2.ModelInferRequest(model_name="demo")
+    request.inputs.add(name="x", datatype=datatype, shape=[1], contents=v2.InferTensorContents(**contents))
+    return request
+
+
+KSERVE = "inference.GRPCInferenceService"
+LOADER = "pt2serve.v1.ModelLoader"
+HUGE_NAME = "m" * 200_000
+# Cases that once answered UNKNOWN (or an error the client could not even receive),
+# run first every time.
+KNOWN_CASES = [
+    _case(KSERVE, "ModelInfer", _typed_input("INT8", int_contents=[1000])),
+    _case(KSERVE, "ModelInfer", _typed_input("INT16", int_contents=[-40000])),
+    _case(KSERVE, "ModelInfer", _typed_input("UINT8", uint_contents=[256])),
+    _case(LOADER, "LoadModel", pb.LoadModelRequest(name="n", package_path="a\0b")),
+    _case(LOADER, "LoadMetadataFromPackage", pb.LoadMetadataFromPackageRequest(package_path="\0")),
+    _case(LOADER, "LoadConstantsFromFile", pb.LoadConstantsFromFileRequest(name="demo", path="w\0")),
+    _case(KSERVE, "RepositoryModelLoad", v2.RepositoryModelLoadRequest(model_name="a\0b")),
+    _case("pt2serve.v1.Inference", "Run", pb.RunRequest(model=HUGE_NAME)),
+    _case(KSERVE, "ModelInfer", v2.ModelInferRequest(model_name=HUGE_NAME)),
+    _case(LOADER, "GetMetadata", pb.GetMetadataRequest(name=HUGE_NAME)),
+]
+
+
+@settings(
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=rpc_cases())
+@_examples(KNOWN_CASES)
+def test_no_rpc_answers_unknown_or_internal(
+    live: LiveServer, case: tuple[str, MethodDescriptor, list[Any]]
+) -> None:
+    """Any values in any field of any RPC (native and KServe): refusals carry a
+    precise code, never UNKNOWN or INTERNAL, and the server keeps serving."""
+    service, method, messages = case
+    path = f"/{service}/{method.name}"
+    response_cls = _class_of(method.output_type)
+    serialize = _class_of(method.input_type).SerializeToString
+    kinds = {
+        (False, False): live.channel.unary_unary,
+        (True, False): live.channel.stream_unary,
+        (False, True): live.channel.unary_stream,
+        (True, True): live.channel.stream_stream,
+    }
+    call = kinds[method.client_streaming, method.server_streaming](
+        path, request_serializer=serialize, response_deserializer=response_cls.FromString
+    )
+    request: Any = iter(messages) if method.client_streaming else messages[0]
+    try:
+        result = call(request, timeout=60)
+        if method.server_streaming:
+            answers = list(result)
+            if service == "pt2serve.v1.Inference":
+                codes = {
+                    grpc.StatusCode(next(c for c in grpc.StatusCode if c.value[0] == a.error.code))
+                    for a in answers
+                    if a.WhichOneof("result") == "error"
+                }
+                assert not codes & REFUSABLE_NEVER, (path, codes, messages)
+    except grpc.RpcError as exc:
+        code = exc.code()  # type: ignore[attr-defined]
+        details = exc.details() or ""  # type: ignore[attr-defined]
+        assert code not in REFUSABLE_NEVER, (path, code, details, messages)
+        # Echoed values are cut: a message never outgrows what clients accept.
+        assert 0 < len(details) <= 1000, (path, code, len(details))
     _still_serving(live)
