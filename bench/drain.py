@@ -34,7 +34,7 @@ async def one_round(target: str, pid: int, callers: int) -> collections.Counter[
     stop = asyncio.Event()
     request = pb.RunRequest(model="demo", inputs={"x": convert.tensor_to_pb(torch.randn(2, 16))})
     async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceStub(channel)  # type: ignore[no-untyped-call]
 
         async def caller() -> None:
             while not stop.is_set():

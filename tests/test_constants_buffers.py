@@ -9,7 +9,7 @@ import asyncio
 import pathlib
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 import torch
@@ -20,6 +20,7 @@ from service.client import constant_messages
 from service.pb import pt2serve_pb2 as pb
 from tests import models
 from tests.conftest import Packages, Running
+from tests.test_constants import swap_under_stream
 from tests.test_service import outputs_of, run_request
 
 NEW_SEED = 11
@@ -153,39 +154,8 @@ async def test_no_answer_mixes_weight_sets_during_swaps(running: Running, packag
     fqns = await load_norm(running, packages)
     sets = [models.make_norm(), new_norm(fqns)]
     uploads = [state_of(m, fqns) for m in sets]
-    stop = asyncio.Event()
-    sent: dict[str, torch.Tensor] = {}
-    failures: list[str] = []
-    checked = [0, 0]
 
-    async def requests() -> AsyncIterator[pb.RunRequest]:
-        i = 0
-        while not stop.is_set():
-            x = torch.randn(1 + i % 3, 8)
-            sent[f"q{i}"] = x
-            yield run_request("norm", f"q{i}", x=x)
-            i += 1
-            if i % 8 == 0:
-                await asyncio.sleep(0)
+    async def stage_and_swap(cycle: int) -> None:
+        await swap_by_load_constants(running, "norm", uploads[cycle % 2])
 
-    async def consume() -> None:
-        async for answer in running.inference.RunStream(requests()):
-            if answer.WhichOneof("result") != "response":
-                failures.append(f"{answer.request_id}: {answer.error.message}")
-                continue
-            version = answer.response.constants_version
-            want = sets[version % 2](sent.pop(answer.request_id))
-            if not torch.allclose(outputs_of(answer.response)["y"], want, atol=1e-5):
-                failures.append(f"{answer.request_id}: version {version} does not match its weights")
-            checked[version % 2] += 1
-
-    consumer = asyncio.create_task(consume())
-    try:
-        for cycle in range(1, 21):
-            await swap_by_load_constants(running, "norm", uploads[cycle % 2])
-            await asyncio.sleep(0)
-    finally:
-        stop.set()
-        await asyncio.wait_for(consumer, timeout=60)
-    assert not failures, failures[:5]
-    assert checked[0] > 0 and checked[1] > 0, checked
+    await swap_under_stream(running, "norm", sets, stage_and_swap, cycles=20)

@@ -264,3 +264,19 @@ async def test_cancelled_streams_leave_no_error_in_the_log(
     await asyncio.sleep(0)
     noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert not noisy, [r.getMessage() for r in noisy]
+
+
+# ------------------------------------------------------------ long values
+async def test_a_huge_model_name_is_not_found_with_a_short_message(running: Running) -> None:
+    """The error used to echo the whole name, and its trailer outgrew what the client
+    accepts: the client saw RESOURCE_EXHAUSTED instead of NOT_FOUND."""
+    name = "m" * 200_000
+    kserve = v2_grpc.GRPCInferenceServiceStub(running.channel)
+    calls = [
+        running.inference.Run(run_request(name, x=torch.randn(1, 16))),
+        kserve.ModelInfer(v2.ModelInferRequest(model_name=name)),
+        running.loader.GetMetadata(pb.GetMetadataRequest(name=name)),
+    ]
+    for call in calls:
+        details = await expect_error(call, grpc.StatusCode.NOT_FOUND, "is not loaded", "(200000 characters)")
+        assert len(details) < 400, len(details)
