@@ -128,6 +128,9 @@ class ModelPackage:
         # again, all in one call, right before the swap.
         self._refilled: dict[str, torch.Tensor] = {}
         self._refilled_current = True
+        self._refilled_names = frozenset(
+            s.internal_name for s in (constants or {}).values() if s.refilled_when_staging
+        )
 
     @classmethod
     def load(
@@ -247,13 +250,9 @@ class ModelPackage:
         self._native.update_constants(by_name, use_inactive=use_inactive, validate_full=full)
         if use_inactive:
             self._staged.update(by_name)
-            refilled = self._refilled_names()
-            self._refilled.update((n, t) for n, t in by_name.items() if n in refilled)
+            self._refilled.update((n, t) for n, t in by_name.items() if n in self._refilled_names)
             # This call copied the active value of every refilled constant it left out.
             self._refilled_current = not (self._refilled.keys() - by_name.keys())
-
-    def _refilled_names(self) -> set[str]:
-        return {s.internal_name for s in self._require_constant_table().values() if s.refilled_when_staging}
 
     def prepare_swap(self) -> None:
         """Stage the kept buffers again, in one call, so the inactive buffer holds

@@ -42,23 +42,24 @@ def message_of(error: Pt2ServeError) -> str:
 
 
 class CallsInFlight:
-    """The unary-response calls inside their handlers, and when the last one began.
+    """The unary-response calls inside their handlers, and how many have begun.
 
     Shutdown waits with `wait_quiet` before closing the listener: gRPC cancels the
     calls it holds when the server stops, and clients do not retry CANCELLED, while
     a draining server answers UNAVAILABLE, which they do. Response streams are not
     counted: they may stay open as long as their client likes (health Watch, an idle
-    RunStream), and their requests are drained by the model manager.
+    RunStream), and their requests are drained by the model manager. Per call this is
+    two integer updates; the clock is read only while waiting.
     """
 
     def __init__(self) -> None:
         self.count = 0
-        self.last_started = 0.0
+        self.started = 0
         self._idle: asyncio.Event | None = None
 
     def enter(self) -> None:
         self.count += 1
-        self.last_started = time.monotonic()
+        self.started += 1
 
     def leave(self) -> None:
         self.count -= 1
@@ -66,7 +67,7 @@ class CallsInFlight:
             self._idle.set()
 
     async def wait_quiet(self, quiet_s: float, deadline: float) -> bool:
-        """Return True once no call is in a handler and none has begun for `quiet_s`
+        """Return True once no call is in a handler and none began during `quiet_s`
         (clients have moved away); False if the monotonic `deadline` came first."""
         while True:
             now = time.monotonic()
@@ -81,10 +82,10 @@ class CallsInFlight:
                 finally:
                     self._idle = None
                 continue
-            waited = now - self.last_started
-            if waited >= quiet_s:
+            started = self.started
+            await asyncio.sleep(min(quiet_s, deadline - now))
+            if self.started == started and not self.count and time.monotonic() - now >= quiet_s:
                 return True
-            await asyncio.sleep(min(quiet_s - waited, deadline - now))
 
 
 class DomainErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]

@@ -130,13 +130,13 @@ def decode_inputs(request: v2.ModelInferRequest, max_bytes: int | None = None) -
             values = list(getattr(spec.contents, typed))
             if len(values) != numel:
                 raise InvalidInput(f"{field}: {typed} has {len(values)} values, shape {shape} needs {numel}")
-            bounds = NARROW_INT_RANGES.get(name)
-            if bounds is not None and values and not bounds[0] <= min(values) <= max(values) <= bounds[1]:
-                bad = next(v for v in values if not bounds[0] <= v <= bounds[1])
-                low, high = bounds
-                raise InvalidInput(
-                    f"{field}: {typed} value {bad} is out of range for {spec.datatype} ({low}..{high})"
-                )
+            if name in NARROW_INT_RANGES and values:
+                low, high = NARROW_INT_RANGES[name]
+                if min(values) < low or max(values) > high:
+                    bad = next(v for v in values if not low <= v <= high)
+                    raise InvalidInput(
+                        f"{field}: {typed} value {bad} is out of range for {spec.datatype} ({low}..{high})"
+                    )
             tensor = torch.tensor(values, dtype=dtype) if values else torch.empty(0, dtype=dtype)
             tensors[spec.name] = tensor.reshape(shape)
     return tensors
