@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: setup serve test lint protos bench tools
+.PHONY: setup serve test lint protos bench tools typecheck-tree
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,13 @@ setup: $(VENV)/.installed
 serve: setup
 	$(BIN)/pt2serve serve $(ARGS)
 
-lint: setup
+# mypy reads the sources under the names they import by (pt2serve.*) through a
+# tree of links; see [tool.mypy] in pyproject.toml.
+typecheck-tree:
+	@mkdir -p .typecheck/pt2serve
+	@for d in service scheduler loader; do ln -sfn ../../$$d .typecheck/pt2serve/$$d; done
+
+lint: setup typecheck-tree
 	$(BIN)/python protos/generate.py --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

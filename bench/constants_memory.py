@@ -20,8 +20,8 @@ import time
 import torch
 
 from bench.run import CACHE, server_process
-from loader.build import build_package, cached_package
-from service.client import Pt2ServeClient
+from pt2serve.loader.build import build_package, cached_package
+from pt2serve.service.client import Pt2ServeClient
 
 WIDTH = 5120
 
@@ -57,7 +57,7 @@ def main() -> None:
         config.write_text(
             f'[server]\ngrpc_port = 0\nmetrics_port = 0\n\n[[models]]\nname = "big"\npath = "{path}"\n'
         )
-        argv = [sys.executable, "-m", "service.cli", "serve", "--config", str(config)]
+        argv = [sys.executable, "-m", "pt2serve.service.cli", "serve", "--config", str(config)]
         with server_process(argv, "ready:", dict(__import__("os").environ)) as server:
             pid = server.pid
             with Pt2ServeClient(server.target) as client:

@@ -23,10 +23,10 @@ import grpc
 import torch
 
 from bench.run import CACHE, server_process
-from service import convert
-from service.demo import demo_package
-from service.pb import pt2serve_pb2 as pb
-from service.pb import pt2serve_pb2_grpc as pb_grpc
+from pt2serve.service import convert
+from pt2serve.service.demo import demo_package
+from pt2serve.service.pb import pt2serve_pb2 as pb
+from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
 
 
 async def one_round(target: str, pid: int, callers: int) -> collections.Counter[str]:
@@ -64,7 +64,7 @@ def main() -> int:
     args = parser.parse_args()
     demo_package(CACHE)
     env = {**os.environ, "PT2SERVE_CACHE_DIR": str(CACHE)}
-    argv = [sys.executable, "-m", "service.cli", "serve", "--grpc-port", "0", "--metrics-port", "0"]
+    argv = [sys.executable, "-m", "pt2serve.service.cli", "serve", "--grpc-port", "0", "--metrics-port", "0"]
     total: collections.Counter[str] = collections.Counter()
     for round_ in range(1, args.rounds + 1):
         with server_process(argv, "ready:", env) as server:

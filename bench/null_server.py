@@ -18,16 +18,16 @@ from typing import Any
 import grpc
 import torch
 
-from service import convert
-from service.cli import tune_process
-from service.config import (
+from pt2serve.service import convert
+from pt2serve.service.cli import tune_process
+from pt2serve.service.config import (
     DEFAULT_GC_GEN0_THRESHOLD,
     DEFAULT_GIL_SWITCH_INTERVAL_US,
     DEFAULT_MAX_MESSAGE_BYTES,
 )
-from service.errors import DomainErrorInterceptor
-from service.pb import pt2serve_pb2 as pb
-from service.pb import pt2serve_pb2_grpc as pb_grpc
+from pt2serve.service.errors import DomainErrorInterceptor
+from pt2serve.service.pb import pt2serve_pb2 as pb
+from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
 
 
 class NullInference(pb_grpc.InferenceServicer):

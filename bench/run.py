@@ -35,12 +35,12 @@ import grpc
 import torch
 
 from bench.models import WIDTH, make_ffn
-from loader.build import build_package, cached_package
-from loader.package import LoadOptions, ModelPackage
-from service import convert
-from service.demo import IN_FEATURES, OUT_FEATURES, demo_package
-from service.pb import grpc_service_pb2 as v2
-from service.pb import pt2serve_pb2 as pb
+from pt2serve.loader.build import build_package, cached_package
+from pt2serve.loader.package import LoadOptions, ModelPackage
+from pt2serve.service import convert
+from pt2serve.service.demo import IN_FEATURES, OUT_FEATURES, demo_package
+from pt2serve.service.pb import grpc_service_pb2 as v2
+from pt2serve.service.pb import pt2serve_pb2 as pb
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "bench-packages"
@@ -131,7 +131,7 @@ max_queue_size = 4096
 max_queue_delay_ms = {queue_delay_ms if max_batch > 1 else 0}
 """
     )
-    return [sys.executable, "-m", "service.cli", "serve", "--config", str(config)]
+    return [sys.executable, "-m", "pt2serve.service.cli", "serve", "--config", str(config)]
 
 
 # ------------------------------------------------------------------ load

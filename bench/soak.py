@@ -26,9 +26,9 @@ import grpc
 import torch
 
 from bench.run import CACHE, ROOT, server_process
-from service import convert
-from service.demo import IN_FEATURES, demo_package
-from service.pb import pt2serve_pb2 as pb
+from pt2serve.service import convert
+from pt2serve.service.demo import IN_FEATURES, demo_package
+from pt2serve.service.pb import pt2serve_pb2 as pb
 
 SAMPLE_S = 10.0
 
@@ -134,7 +134,7 @@ def main() -> None:
             f"[server]\ngrpc_port = 0\nmetrics_port = {metrics_port}\n\n"
             f'[[models]]\nname = "demo"\npath = "{package}"\n'
         )
-        argv = [sys.executable, "-m", "service.cli", "serve", "--config", str(config)]
+        argv = [sys.executable, "-m", "pt2serve.service.cli", "serve", "--config", str(config)]
         with server_process(argv, "ready:", dict(os.environ)) as server:
             samples = asyncio.run(
                 soak(server.target, server.pid, metrics_port, args.minutes, args.concurrency)

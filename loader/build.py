@@ -17,8 +17,8 @@ from typing import Any, cast
 
 import torch
 
-from loader.errors import InvalidInput
-from loader.schema import METADATA_KEY, Dim, ModelSchema, TensorSpec, dtype_name
+from pt2serve.loader.errors import InvalidInput
+from pt2serve.loader.schema import METADATA_KEY, Dim, ModelSchema, TensorSpec, dtype_name
 
 DEFAULT_MAX_BATCH = 1024
 

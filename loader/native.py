@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from loader.errors import ExecutionFailed, PackageError
+from pt2serve.loader.errors import ExecutionFailed, PackageError
 
 _api = ctypes.pythonapi
 _api.PyCapsule_GetPointer.restype = ctypes.c_void_p

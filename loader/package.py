@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from loader.errors import InvalidInput, PackageError, PackageNotFound, Unsupported, shown
-from loader.native import NativeContainer
-from loader.schema import (
+from pt2serve.loader.errors import InvalidInput, PackageError, PackageNotFound, Unsupported, shown
+from pt2serve.loader.native import NativeContainer
+from pt2serve.loader.schema import (
     DTYPE_NAMES,
     METADATA_KEY,
     ConstantSpec,

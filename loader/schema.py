@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from loader.errors import InvalidInput, PackageError, shown
+from pt2serve.loader.errors import InvalidInput, PackageError, shown
 
 METADATA_KEY = "pt2serve.schema"
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from loader.errors import InvalidInput, PackageNotFound, shown
+from pt2serve.loader.errors import InvalidInput, PackageNotFound, shown
 
 
 class WeightFile:

@@ -27,9 +27,9 @@ from typing import Protocol, TypeVar
 
 import torch
 
-from loader.errors import ExecutionFailed, Expired, InvalidInput, Overloaded, Unavailable
-from scheduler.telemetry import NoTelemetry, Telemetry
-from scheduler.workers import WorkerPool
+from pt2serve.loader.errors import ExecutionFailed, Expired, InvalidInput, Overloaded, Unavailable
+from pt2serve.scheduler.telemetry import NoTelemetry, Telemetry
+from pt2serve.scheduler.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from loader.errors import (
+from pt2serve.loader.errors import (
     ErrorKind,
     ExecutionFailed,
     InvalidInput,
@@ -27,11 +27,11 @@ from loader.errors import (
     Unavailable,
     shown,
 )
-from loader.package import CallSpec, LoadOptions, ModelPackage, load_metadata_from_package
-from loader.schema import ConstantSpec, ModelSchema
-from loader.weights import open_weights
-from scheduler.batcher import BatchingConfig, ModelScheduler, RunnerSlot, RunResult
-from scheduler.telemetry import NoTelemetry, Telemetry
+from pt2serve.loader.package import CallSpec, LoadOptions, ModelPackage, load_metadata_from_package
+from pt2serve.loader.schema import ConstantSpec, ModelSchema
+from pt2serve.loader.weights import open_weights
+from pt2serve.scheduler.batcher import BatchingConfig, ModelScheduler, RunnerSlot, RunResult
+from pt2serve.scheduler.telemetry import NoTelemetry, Telemetry
 
 log = logging.getLogger(__name__)
 

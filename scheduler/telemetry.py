@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from loader.errors import ErrorKind
+from pt2serve.loader.errors import ErrorKind
 
 
 class Telemetry(Protocol):

@@ -16,11 +16,11 @@ import grpc
 import numpy as np
 import torch
 
-from loader.errors import Pt2ServeError
-from loader.package import load_metadata_from_package, read_package_sources, resolve_schema
-from loader.schema import DTYPES, ModelSchema
-from scheduler.manager import ModelConfig
-from service.config import (
+from pt2serve.loader.errors import Pt2ServeError
+from pt2serve.loader.package import load_metadata_from_package, read_package_sources, resolve_schema
+from pt2serve.loader.schema import DTYPES, ModelSchema
+from pt2serve.scheduler.manager import ModelConfig
+from pt2serve.service.config import (
     DEFAULT_GRPC_PORT,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_METRICS_PORT,
@@ -28,10 +28,10 @@ from service.config import (
     load_config,
     parse_model_flag,
 )
-from service.security import TOKEN_ENV, read_token
+from pt2serve.service.security import TOKEN_ENV, read_token
 
 if TYPE_CHECKING:
-    from service.client import Pt2ServeClient
+    from pt2serve.service.client import Pt2ServeClient
 
 log = logging.getLogger("pt2serve")
 
@@ -155,7 +155,7 @@ def _connection_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _client(args: argparse.Namespace) -> Pt2ServeClient:
-    from service.client import Pt2ServeClient
+    from pt2serve.service.client import Pt2ServeClient
 
     return Pt2ServeClient(
         args.target,
@@ -189,7 +189,7 @@ def _serve(args: argparse.Namespace) -> int:
         name, path = parse_model_flag(flag)
         models.append(ModelConfig(name=name, package_path=config.resolve(path), num_runners=args.num_runners))
     if not models:
-        from service.demo import demo_package
+        from pt2serve.service.demo import demo_package
 
         log.info("no model given: serving the bundled demo model as 'demo' (first run compiles it)")
         models.append(
@@ -214,8 +214,8 @@ def tune_process(gil_switch_interval_us: int, gc_gen0_threshold: int) -> None:
 
 
 async def _run_server(config: ServerConfig) -> None:
-    from service.metrics import start_metrics_server
-    from service.server import Pt2Server
+    from pt2serve.service.metrics import start_metrics_server
+    from pt2serve.service.server import Pt2Server
 
     server = Pt2Server(config)
     stop = asyncio.Event()
@@ -240,7 +240,7 @@ async def _run_server(config: ServerConfig) -> None:
 
 # ---------------------------------------------------------------------- build
 def _build(args: argparse.Namespace) -> int:
-    from loader.build import build_package, import_factory
+    from pt2serve.loader.build import build_package, import_factory
 
     sys.path.insert(0, str(pathlib.Path.cwd()))
     module = import_factory(args.factory)()
@@ -288,7 +288,7 @@ def _random(shape: Sequence[int], dtype: torch.dtype, generator: torch.Generator
 
 # ---------------------------------------------------------------------- infer
 def _infer(args: argparse.Namespace) -> int:
-    from service.convert import schema_from_pb
+    from pt2serve.service.convert import schema_from_pb
 
     with _client(args) as client:
         status = {m.name: m for m in client.list_models()}.get(args.model)
@@ -330,7 +330,7 @@ def _random_for(schema: ModelSchema, name: str, rows: int, generator: torch.Gene
 
 # ------------------------------------------------------------------ constants
 def _constants(args: argparse.Namespace) -> int:
-    from service.pb import pt2serve_pb2 as pb
+    from pt2serve.service.pb import pt2serve_pb2 as pb
 
     skipped: list[str] = []
     with _client(args) as client:
@@ -342,7 +342,7 @@ def _constants(args: argparse.Namespace) -> int:
         if args.action == "swap":
             response = client.swap_constants(args.model)
         elif args.upload:
-            from loader.weights import open_weights
+            from pt2serve.loader.weights import open_weights
 
             with open_weights(args.file) as weights:
                 tensors = {key: weights.get(key) for key in weights.keys()}
@@ -392,7 +392,7 @@ def _inspect(args: argparse.Namespace) -> int:
     _print_schema(schema)
     source = read_package_sources(args.path, args.model_name)
     if source is not None:
-        from loader.schema import constants_from_wrapper
+        from pt2serve.loader.schema import constants_from_wrapper
 
         constants = constants_from_wrapper(source)
         print(f"constants ({len(constants)}):")

@@ -14,11 +14,11 @@ import grpc
 import numpy as np
 import torch
 
-from service import convert
-from service.config import DEFAULT_MAX_MESSAGE_BYTES
-from service.pb import pt2serve_pb2 as pb
-from service.pb import pt2serve_pb2_grpc as pb_grpc
-from service.security import channel_credentials
+from pt2serve.service import convert
+from pt2serve.service.config import DEFAULT_MAX_MESSAGE_BYTES
+from pt2serve.service.pb import pt2serve_pb2 as pb
+from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
+from pt2serve.service.security import channel_credentials
 
 ArrayLike = torch.Tensor | np.ndarray[Any, Any]
 # Well under gRPC's default 4 MB limit, so uploads work against any server settings.

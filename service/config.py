@@ -8,10 +8,10 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from loader.errors import AccessDenied, InvalidInput, shown
-from loader.schema import ModelSchema
-from scheduler.batcher import BatchingConfig
-from scheduler.manager import ModelConfig
+from pt2serve.loader.errors import AccessDenied, InvalidInput, shown
+from pt2serve.loader.schema import ModelSchema
+from pt2serve.scheduler.batcher import BatchingConfig
+from pt2serve.scheduler.manager import ModelConfig
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_GRPC_PORT = 8500

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from loader.errors import InvalidInput, shown
-from loader.schema import DTYPE_NAMES, DTYPES, ConstantSpec, Dim, ModelSchema, TensorSpec
-from scheduler.batcher import BatchingConfig
-from service.pb import pt2serve_pb2 as pb
+from pt2serve.loader.errors import InvalidInput, shown
+from pt2serve.loader.schema import DTYPE_NAMES, DTYPES, ConstantSpec, Dim, ModelSchema, TensorSpec
+from pt2serve.scheduler.batcher import BatchingConfig
+from pt2serve.service.pb import pt2serve_pb2 as pb
 
 if sys.byteorder != "little":  # pragma: no cover - the wire format is little-endian
     raise ImportError("pt2serve supports little-endian hosts only")

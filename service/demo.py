@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from loader.build import build_package, cached_package
+from pt2serve.loader.build import build_package, cached_package
 
 IN_FEATURES = 16
 OUT_FEATURES = 4

@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from loader.errors import ErrorKind, InvalidInput, Pt2ServeError
+from pt2serve.loader.errors import ErrorKind, InvalidInput, Pt2ServeError
 
 log = logging.getLogger(__name__)
 

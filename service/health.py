@@ -8,7 +8,7 @@ from __future__ import annotations
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
-from service.pb import pt2serve_pb2
+from pt2serve.service.pb import pt2serve_pb2
 
 SERVICES = tuple(s.full_name for s in pt2serve_pb2.DESCRIPTOR.services_by_name.values())
 LIVENESS = "liveness"

@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from loader.errors import InvalidInput, ModelNotFound, Pt2ServeError, shown
-from loader.schema import DTYPE_NAMES, DTYPES, ModelSchema, TensorSpec
-from scheduler.manager import LoadedModel, ModelConfig, ModelManager, PendingInference
-from service.convert import check_shape, itemsize, tensor_bytes, tensor_from_wire
-from service.errors import message_of
-from service.pb import grpc_service_pb2 as v2
-from service.pb import grpc_service_pb2_grpc as v2_grpc
-from service.servicer import Context, deadline_of
+from pt2serve.loader.errors import InvalidInput, ModelNotFound, Pt2ServeError, shown
+from pt2serve.loader.schema import DTYPE_NAMES, DTYPES, ModelSchema, TensorSpec
+from pt2serve.scheduler.manager import LoadedModel, ModelConfig, ModelManager, PendingInference
+from pt2serve.service.convert import check_shape, itemsize, tensor_bytes, tensor_from_wire
+from pt2serve.service.errors import message_of
+from pt2serve.service.pb import grpc_service_pb2 as v2
+from pt2serve.service.pb import grpc_service_pb2_grpc as v2_grpc
+from pt2serve.service.servicer import Context, deadline_of
 
 log = logging.getLogger(__name__)
 PLATFORM = "pytorch_aoti"

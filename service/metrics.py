@@ -26,9 +26,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from loader.errors import ErrorKind, Pt2ServeError
-from scheduler.manager import ModelManager
-from service.errors import status_of
+from pt2serve.loader.errors import ErrorKind, Pt2ServeError
+from pt2serve.scheduler.manager import ModelManager
+from pt2serve.service.errors import status_of
 
 # Sub-millisecond buckets: queueing and overhead live there (the defaults start at 5 ms).
 LATENCY_BUCKETS = (

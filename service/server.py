@@ -11,19 +11,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry
 
-from loader.native import clean_stale_extractions
-from scheduler.manager import ModelManager
-from service.config import ServerConfig
-from service.errors import CallsInFlight, DomainErrorInterceptor
-from service.health import SERVICES, ModelHealth
-from service.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
-from service.kserve import KServeServicer
-from service.metrics import GrpcMetricsInterceptor, new_registry, register_metrics
-from service.pb import POOL
-from service.pb import grpc_service_pb2_grpc as v2_grpc
-from service.pb import pt2serve_pb2_grpc as pb_grpc
-from service.security import ManagementAuthInterceptor, read_token, server_credentials
-from service.servicer import InferenceServicer, ModelLoaderServicer
+from pt2serve.loader.native import clean_stale_extractions
+from pt2serve.scheduler.manager import ModelManager
+from pt2serve.service.config import ServerConfig
+from pt2serve.service.errors import CallsInFlight, DomainErrorInterceptor
+from pt2serve.service.health import SERVICES, ModelHealth
+from pt2serve.service.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
+from pt2serve.service.kserve import KServeServicer
+from pt2serve.service.metrics import GrpcMetricsInterceptor, new_registry, register_metrics
+from pt2serve.service.pb import POOL
+from pt2serve.service.pb import grpc_service_pb2_grpc as v2_grpc
+from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
+from pt2serve.service.security import ManagementAuthInterceptor, read_token, server_credentials
+from pt2serve.service.servicer import InferenceServicer, ModelLoaderServicer
 
 log = logging.getLogger(__name__)
 # While draining, the listener closes once no unary call has arrived for this long:

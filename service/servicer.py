@@ -17,8 +17,8 @@ from typing import Any
 
 import grpc
 
-from loader.errors import InvalidInput, Pt2ServeError
-from scheduler.manager import (
+from pt2serve.loader.errors import InvalidInput, Pt2ServeError
+from pt2serve.scheduler.manager import (
     ConstantUpdateResult,
     InferenceResult,
     LoadedModel,
@@ -26,10 +26,10 @@ from scheduler.manager import (
     ModelManager,
     PendingInference,
 )
-from service import convert
-from service.errors import message_of, status_of
-from service.pb import pt2serve_pb2 as pb
-from service.pb import pt2serve_pb2_grpc as pb_grpc
+from pt2serve.service import convert
+from pt2serve.service.errors import message_of, status_of
+from pt2serve.service.pb import pt2serve_pb2 as pb
+from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]

@@ -20,13 +20,13 @@ import grpc
 import pytest
 import torch
 
-from loader.build import build_package, cached_package
-from scheduler.manager import ModelConfig
-from service.config import ServerConfig
-from service.demo import demo_package
-from service.pb import pt2serve_pb2 as pb
-from service.pb import pt2serve_pb2_grpc as pb_grpc
-from service.server import Pt2Server
+from pt2serve.loader.build import build_package, cached_package
+from pt2serve.scheduler.manager import ModelConfig
+from pt2serve.service.config import ServerConfig
+from pt2serve.service.demo import demo_package
+from pt2serve.service.pb import pt2serve_pb2 as pb
+from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
+from pt2serve.service.server import Pt2Server
 from tests import models
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -68,7 +68,7 @@ def _build_two_input(path: pathlib.Path) -> None:
 
 def _build_unbatched(path: pathlib.Path) -> None:
     # Through the CLI, so `pt2serve build` is exercised on a real compile.
-    from service.cli import main
+    from pt2serve.service.cli import main
 
     code = main(
         [
@@ -98,7 +98,7 @@ def _build_foreign(path: pathlib.Path) -> None:
 
 def _build_static(path: pathlib.Path) -> None:
     """The demo MLP compiled at exactly 4 rows: the server pads smaller batches."""
-    from service.demo import demo_model
+    from pt2serve.service.demo import demo_model
 
     build_package(demo_model(), {"x": torch.randn(4, 16)}, path, static_batch=4, output_names=["logits"])
 
@@ -164,6 +164,6 @@ async def running(packages: Packages, tmp_path: pathlib.Path) -> AsyncIterator[R
 
 @pytest.fixture
 def eager_demo() -> Iterator[torch.nn.Module]:
-    from service.demo import demo_model
+    from pt2serve.service.demo import demo_model
 
     yield demo_model()

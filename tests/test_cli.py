@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from loader.errors import InvalidInput
-from service.config import load_config
-from service.demo import demo_model
+from pt2serve.loader.errors import InvalidInput
+from pt2serve.service.config import load_config
+from pt2serve.service.demo import demo_model
 from tests import models
 from tests.conftest import CACHE, Packages
 
@@ -26,7 +26,7 @@ ENV = {**os.environ, "PT2SERVE_CACHE_DIR": str(CACHE), "PYTHONUNBUFFERED": "1"}
 
 def pt2serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "pt2serve.service.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -40,7 +40,7 @@ def server(packages: Packages, tmp_path: pathlib.Path) -> subprocess.Popen[str]:
     """`pt2serve serve` with no model: the bundled demo (its package is cached)."""
     log = (tmp_path / "serve.log").open("w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--grpc-port", "0", "--metrics-port", "0"],
+        [sys.executable, "-m", "pt2serve.service.cli", "serve", "--grpc-port", "0", "--metrics-port", "0"],
         stdout=log,
         stderr=subprocess.STDOUT,
         text=True,

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from loader.errors import InvalidInput
-from service.config import load_config
+from pt2serve.loader.errors import InvalidInput
+from pt2serve.service.config import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -33,7 +33,7 @@ def test_process_settings_take_effect() -> None:
     # In a child: the settings are process-wide and would leak into this test run.
     code = (
         "import gc, sys\n"
-        "from service.cli import tune_process\n"
+        "from pt2serve.service.cli import tune_process\n"
         "tune_process(200, 20000)\n"
         "print(sys.getswitchinterval(), gc.get_threshold()[0], gc.get_freeze_count() > 0)\n"
     )

@@ -17,11 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from loader.errors import InvalidInput
-from service import convert
-from service.client import constant_messages
-from service.demo import DemoMLP, demo_model
-from service.pb import pt2serve_pb2 as pb
+from pt2serve.loader.errors import InvalidInput
+from pt2serve.service import convert
+from pt2serve.service.client import constant_messages
+from pt2serve.service.demo import DemoMLP, demo_model
+from pt2serve.service.pb import pt2serve_pb2 as pb
 from tests.conftest import Running
 from tests.test_service import expect_error, outputs_of, run_request
 
@@ -248,8 +248,17 @@ async def swap_under_stream(
                 continue
             version = answer.response.constants_version
             (got,) = outputs_of(answer.response).values()
-            if not torch.allclose(got, sets[version % 2](sent.pop(answer.request_id)), atol=1e-5):
-                failures.append(f"{answer.request_id}: version {version} does not match its weights")
+            x = sent.pop(answer.request_id)
+            want = sets[version % 2](x)
+            # Batches of other sizes round differently (about 1e-5 here); the two
+            # weight sets differ by far more than the tolerance.
+            if not torch.allclose(got, want, atol=1e-4):
+                other = sets[(version + 1) % 2](x)
+                failures.append(
+                    f"{answer.request_id}: version {version} does not match its weights "
+                    f"(off by {(got - want).abs().max():.3g}; "
+                    f"{(got - other).abs().max():.3g} from the other set)"
+                )
             checked[version % 2] += 1
 
     consumer = asyncio.create_task(consume())

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from service.cli import main as cli_main
-from service.client import constant_messages
-from service.pb import pt2serve_pb2 as pb
+from pt2serve.service.cli import main as cli_main
+from pt2serve.service.client import constant_messages
+from pt2serve.service.pb import pt2serve_pb2 as pb
 from tests import models
 from tests.conftest import Packages, Running
 from tests.test_constants import swap_under_stream
@@ -70,7 +70,7 @@ async def swap_by_load_constants(running: Running, name: str, state: dict[str, t
 async def swap_by_update_constant_buffer(running: Running, name: str, state: dict[str, torch.Tensor]) -> None:
     listed = await running.loader.GetConstantFqns(pb.GetConstantFqnsRequest(name=name))
     internal = {c.fqn: c.internal_name for c in listed.constants}
-    from service import convert
+    from pt2serve.service import convert
 
     request = pb.UpdateConstantBufferRequest(name=name, use_inactive=True, validate_full_updates=True)
     for fqn, tensor in state.items():

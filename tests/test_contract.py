@@ -18,10 +18,10 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from service.demo import demo_model
-from service.pb import grpc_service_pb2 as v2
-from service.pb import grpc_service_pb2_grpc as v2_grpc
-from service.pb import pt2serve_pb2 as pb
+from pt2serve.service.demo import demo_model
+from pt2serve.service.pb import grpc_service_pb2 as v2
+from pt2serve.service.pb import grpc_service_pb2_grpc as v2_grpc
+from pt2serve.service.pb import pt2serve_pb2 as pb
 from tests import models
 from tests.conftest import CACHE, Packages, Running
 from tests.test_service import expect_error, run_request

@@ -7,10 +7,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loader.errors import InvalidInput
-from loader.schema import DTYPES
-from service import convert
-from service.pb import pt2serve_pb2 as pb
+from pt2serve.loader.errors import InvalidInput
+from pt2serve.loader.schema import DTYPES
+from pt2serve.service import convert
+from pt2serve.service.pb import pt2serve_pb2 as pb
 
 
 @given(

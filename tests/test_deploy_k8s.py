@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.config import load_config
+from pt2serve.service.config import load_config
 from tests.conftest import require_tool
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -138,5 +138,5 @@ def test_dockerignore_keeps_the_context_small() -> None:
     allowed = {line[1:].rstrip("/") for line in text if line.startswith("!")}
     assert allowed == {"pyproject.toml", "README.md", "service", "scheduler", "loader"}
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    packages = {p.split(".")[0] for p in pyproject["tool"]["setuptools"]["packages"]}
-    assert packages <= allowed
+    folders = {d.split("/")[0] for d in pyproject["tool"]["setuptools"]["package-dir"].values()}
+    assert folders <= allowed

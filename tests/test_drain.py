@@ -18,11 +18,11 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from scheduler.manager import ModelConfig
-from service.config import ServerConfig
-from service.demo import demo_model
-from service.pb import pt2serve_pb2_grpc as pb_grpc
-from service.server import Pt2Server
+from pt2serve.scheduler.manager import ModelConfig
+from pt2serve.service.config import ServerConfig
+from pt2serve.service.demo import demo_model
+from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
+from pt2serve.service.server import Pt2Server
 from tests.conftest import CACHE, Packages
 from tests.test_service import expect_error, outputs_of, run_request
 
@@ -97,7 +97,16 @@ def test_sigterm_under_load_loses_nothing(packages: Packages, tmp_path: pathlib.
     env = {**os.environ, "PT2SERVE_CACHE_DIR": str(CACHE), "PYTHONUNBUFFERED": "1"}
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--grpc-port", "0", "--metrics-port", "0"],
+            [
+                sys.executable,
+                "-m",
+                "pt2serve.service.cli",
+                "serve",
+                "--grpc-port",
+                "0",
+                "--metrics-port",
+                "0",
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,

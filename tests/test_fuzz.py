@@ -19,13 +19,13 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescri
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from scheduler.manager import ModelConfig
-from service.config import ServerConfig
-from service.demo import demo_model
-from service.pb import grpc_service_pb2 as v2
-from service.pb import pt2serve_pb2 as pb
-from service.pb import pt2serve_pb2_grpc as pb_grpc
-from service.server import Pt2Server
+from pt2serve.scheduler.manager import ModelConfig
+from pt2serve.service.config import ServerConfig
+from pt2serve.service.demo import demo_model
+from pt2serve.service.pb import grpc_service_pb2 as v2
+from pt2serve.service.pb import pt2serve_pb2 as pb
+from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
+from pt2serve.service.server import Pt2Server
 from tests.conftest import CACHE, Packages
 
 MAX_MESSAGE = 1 << 20

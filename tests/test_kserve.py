@@ -13,9 +13,9 @@ import torch
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from service.demo import demo_model
-from service.kserve import decode_inputs, encode_response
-from service.pb import grpc_service_pb2 as v2
+from pt2serve.service.demo import demo_model
+from pt2serve.service.kserve import decode_inputs, encode_response
+from pt2serve.service.pb import grpc_service_pb2 as v2
 from tests import models
 from tests.conftest import Packages, Running
 
@@ -234,7 +234,7 @@ def test_typed_and_raw_contents_decode_alike() -> None:
     ],
 )
 def test_malformed_v2_requests(mutate: Callable[[v2.ModelInferRequest], object], fragment: str) -> None:
-    from loader.errors import InvalidInput
+    from pt2serve.loader.errors import InvalidInput
 
     request = v2.ModelInferRequest(model_name="m")
     request.inputs.add(name="x", datatype="FP32", shape=[2, 3])

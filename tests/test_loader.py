@@ -9,10 +9,15 @@ import zipfile
 import pytest
 import torch
 
-from loader.errors import InvalidInput, PackageError, PackageNotFound
-from loader.package import LoadOptions, ModelPackage, load_metadata_from_package, read_package_sources
-from loader.schema import METADATA_KEY, Dim, ModelSchema, derive_from_wrapper
-from service.demo import demo_model
+from pt2serve.loader.errors import InvalidInput, PackageError, PackageNotFound
+from pt2serve.loader.package import (
+    LoadOptions,
+    ModelPackage,
+    load_metadata_from_package,
+    read_package_sources,
+)
+from pt2serve.loader.schema import METADATA_KEY, Dim, ModelSchema, derive_from_wrapper
+from pt2serve.service.demo import demo_model
 from tests import models
 from tests.conftest import Packages
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
-from loader.errors import ErrorKind
-from service import convert
-from service.metrics import Metrics, start_metrics_server
-from service.pb import pt2serve_pb2 as pb
+from pt2serve.loader.errors import ErrorKind
+from pt2serve.service import convert
+from pt2serve.service.metrics import Metrics, start_metrics_server
+from pt2serve.service.pb import pt2serve_pb2 as pb
 from tests.conftest import Running, require_tool
 from tests.test_service import expect_error, run_request
 

@@ -10,10 +10,10 @@ import threading
 import pytest
 import torch
 
-from loader.errors import InvalidInput, Unsupported
-from loader.native import clean_stale_extractions
-from loader.package import LoadOptions, ModelPackage
-from service.demo import demo_model
+from pt2serve.loader.errors import InvalidInput, Unsupported
+from pt2serve.loader.native import clean_stale_extractions
+from pt2serve.loader.package import LoadOptions, ModelPackage
+from pt2serve.service.demo import demo_model
 from tests import models
 from tests.conftest import Packages
 

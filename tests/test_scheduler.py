@@ -16,8 +16,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loader.errors import ExecutionFailed, Expired, InvalidInput, Overloaded, Unavailable
-from scheduler.batcher import BatchingConfig, ModelScheduler, RunnerSlot, RunResult
+from pt2serve.loader.errors import ExecutionFailed, Expired, InvalidInput, Overloaded, Unavailable
+from pt2serve.scheduler.batcher import BatchingConfig, ModelScheduler, RunnerSlot, RunResult
 
 WIDTHS = (3, 5)  # two shape buckets: rows of width 3 or 5
 

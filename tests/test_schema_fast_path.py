@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loader.errors import InvalidInput
-from loader.schema import Dim, ModelSchema, TensorSpec
+from pt2serve.loader.errors import InvalidInput
+from pt2serve.loader.schema import Dim, ModelSchema, TensorSpec
 
 SCHEMAS = [
     ModelSchema(

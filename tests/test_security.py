@@ -12,15 +12,15 @@ import grpc
 import pytest
 import torch
 
-from scheduler.manager import ModelConfig
-from service import convert
-from service.client import Pt2ServeClient
-from service.config import ServerConfig
-from service.demo import demo_model
-from service.pb import grpc_service_pb2 as v2
-from service.pb import pt2serve_pb2 as pb
-from service.pb import pt2serve_pb2_grpc as pb_grpc
-from service.server import Pt2Server
+from pt2serve.scheduler.manager import ModelConfig
+from pt2serve.service import convert
+from pt2serve.service.client import Pt2ServeClient
+from pt2serve.service.config import ServerConfig
+from pt2serve.service.demo import demo_model
+from pt2serve.service.pb import grpc_service_pb2 as v2
+from pt2serve.service.pb import pt2serve_pb2 as pb
+from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
+from pt2serve.service.server import Pt2Server
 from tests.conftest import CACHE, Packages, Running
 from tests.test_service import expect_error, outputs_of, run_request
 from tests.tls_certs import make_certs
@@ -149,7 +149,7 @@ async def test_tls_and_mutual_tls(packages: Packages, tmp_path: pathlib.Path) ->
 
 
 def test_tls_settings_must_be_complete(packages: Packages) -> None:
-    from loader.errors import InvalidInput
+    from pt2serve.loader.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match="go together"):
         config_for(packages, tls_cert_file="a.pem")

@@ -11,9 +11,9 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from service import convert
-from service.demo import demo_model
-from service.pb import pt2serve_pb2 as pb
+from pt2serve.service import convert
+from pt2serve.service.demo import demo_model
+from pt2serve.service.pb import pt2serve_pb2 as pb
 from tests import models
 from tests.conftest import Packages, Running
 

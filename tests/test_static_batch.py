@@ -7,11 +7,11 @@ import asyncio
 import pytest
 import torch
 
-from loader.errors import InvalidInput
-from loader.package import ModelPackage
-from scheduler.batcher import BatchingConfig
-from scheduler.manager import ModelConfig, ModelManager
-from service.demo import demo_model
+from pt2serve.loader.errors import InvalidInput
+from pt2serve.loader.package import ModelPackage
+from pt2serve.scheduler.batcher import BatchingConfig
+from pt2serve.scheduler.manager import ModelConfig, ModelManager
+from pt2serve.service.demo import demo_model
 from tests.conftest import Packages
 
 
