@@ -23,7 +23,7 @@ import grpc
 import torch
 
 from bench.run import CACHE, server_process
-from pt2serve.service import convert
+from pt2serve.service import tensors
 from pt2serve.service.demo import demo_package
 from pt2serve.service.pb import pt2serve_pb2 as pb
 from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
@@ -32,7 +32,7 @@ from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
 async def one_round(target: str, pid: int, callers: int) -> collections.Counter[str]:
     outcomes: collections.Counter[str] = collections.Counter()
     stop = asyncio.Event()
-    request = pb.RunRequest(model="demo", inputs={"x": convert.tensor_to_pb(torch.randn(2, 16))})
+    request = pb.RunRequest(model="demo", inputs={"x": tensors.tensor_to_pb(torch.randn(2, 16))})
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.InferenceStub(channel)  # type: ignore[no-untyped-call]
 

@@ -1,8 +1,8 @@
 """The wall: a gRPC server of the same stack as pt2serve that does no model work.
 
 It decodes each request's tensors and answers with a zero tensor of the model's
-output shape, through the same interceptor and message-size options, so the
-difference to pt2serve is the scheduler and the model.
+output shape, with the same per-method wrapper (service/calls.py) and message-size
+options, so the difference to pt2serve is the scheduler and the model.
 
     python -m bench.null_server --port 0 --output-width 4
 """
@@ -17,17 +17,17 @@ from typing import Any
 
 import grpc
 import torch
+from prometheus_client import CollectorRegistry
 
-from pt2serve.service import convert
+from pt2serve.service import tensors
+from pt2serve.service.calls import CallPolicy, Registrar
 from pt2serve.service.cli import tune_process
-from pt2serve.service.config import (
-    DEFAULT_GC_GEN0_THRESHOLD,
-    DEFAULT_GIL_SWITCH_INTERVAL_US,
-    DEFAULT_MAX_MESSAGE_BYTES,
-)
-from pt2serve.service.errors import DomainErrorInterceptor
+from pt2serve.service.config import ServerConfig
+from pt2serve.service.errors import CallsInFlight
+from pt2serve.service.metrics import GrpcMetrics
 from pt2serve.service.pb import pt2serve_pb2 as pb
 from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
+from pt2serve.service.tensors import DEFAULT_MAX_MESSAGE_BYTES
 
 
 class NullInference(pb_grpc.InferenceServicer):
@@ -35,9 +35,9 @@ class NullInference(pb_grpc.InferenceServicer):
         self._width = output_width
 
     def _answer(self, request: pb.RunRequest) -> pb.RunResponse:
-        inputs = convert.tensors_from_pb(request.inputs, "inputs")
+        inputs = tensors.tensors_from_pb(request.inputs, "inputs")
         rows = next(iter(inputs.values())).shape[0] if inputs else 1
-        output = convert.tensor_to_pb(torch.zeros(rows, self._width))
+        output = tensors.tensor_to_pb(torch.zeros(rows, self._width))
         return pb.RunResponse(model=request.model, request_id=request.request_id, outputs={"output": output})
 
     async def Run(self, request: pb.RunRequest, context: Any) -> pb.RunResponse:
@@ -52,16 +52,17 @@ class NullInference(pb_grpc.InferenceServicer):
 
 async def serve(port: int, output_width: int) -> None:
     server = grpc.aio.server(
-        interceptors=[DomainErrorInterceptor()],
         options=[
             ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
         ],
     )
-    pb_grpc.add_InferenceServicer_to_server(NullInference(output_width), server)  # type: ignore[no-untyped-call]
+    registrar: Any = Registrar(server, CallPolicy(GrpcMetrics(CollectorRegistry()), None, CallsInFlight()))
+    pb_grpc.add_InferenceServicer_to_server(NullInference(output_width), registrar)  # type: ignore[no-untyped-call]
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    tune_process(DEFAULT_GIL_SWITCH_INTERVAL_US, DEFAULT_GC_GEN0_THRESHOLD)  # as `pt2serve serve`
+    defaults = ServerConfig()
+    tune_process(defaults.gil_switch_interval_us, defaults.gc_gen0_threshold)  # as `pt2serve serve`
     print(f"null server listening on 127.0.0.1:{bound}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -37,7 +37,7 @@ import torch
 from bench.models import WIDTH, make_ffn
 from pt2serve.loader.build import build_package, cached_package
 from pt2serve.loader.package import LoadOptions, ModelPackage
-from pt2serve.service import convert
+from pt2serve.service import tensors
 from pt2serve.service.demo import IN_FEATURES, OUT_FEATURES, demo_package
 from pt2serve.service.pb import grpc_service_pb2 as v2
 from pt2serve.service.pb import pt2serve_pb2 as pb
@@ -142,7 +142,7 @@ def request_bytes(model: BenchModel, index: int, protocol: str = "native") -> by
         v2_request.inputs.add(name="x", datatype="FP32", shape=[1, model.in_width])
         v2_request.raw_input_contents.append(x.numpy().tobytes())
         return v2_request.SerializeToString()
-    request = pb.RunRequest(model=model.name, inputs={"x": convert.tensor_to_pb(x)})
+    request = pb.RunRequest(model=model.name, inputs={"x": tensors.tensor_to_pb(x)})
     return request.SerializeToString()
 
 

@@ -26,7 +26,7 @@ import grpc
 import torch
 
 from bench.run import CACHE, ROOT, server_process
-from pt2serve.service import convert
+from pt2serve.service import tensors
 from pt2serve.service.demo import IN_FEATURES, demo_package
 from pt2serve.service.pb import pt2serve_pb2 as pb
 
@@ -53,11 +53,11 @@ def scrape(port: int) -> dict[str, float]:
 async def load(target: str, stop: asyncio.Event, counts: dict[str, int], concurrency: int) -> None:
     good = [
         pb.RunRequest(
-            model="demo", request_id="ok", inputs={"x": convert.tensor_to_pb(torch.randn(1, IN_FEATURES))}
+            model="demo", request_id="ok", inputs={"x": tensors.tensor_to_pb(torch.randn(1, IN_FEATURES))}
         )
         for _ in range(32)
     ]
-    bad = pb.RunRequest(model="demo", request_id="bad", inputs={"x": convert.tensor_to_pb(torch.randn(1, 3))})
+    bad = pb.RunRequest(model="demo", request_id="bad", inputs={"x": tensors.tensor_to_pb(torch.randn(1, 3))})
     async with grpc.aio.insecure_channel(target) as channel:
         stub = channel.stream_stream(
             "/pt2serve.v1.Inference/RunStream",

@@ -17,10 +17,10 @@ from typing import Any, cast
 
 import torch
 
+from pt2serve.loader import defaults
+from pt2serve.loader.dtypes import name_of
 from pt2serve.loader.errors import InvalidInput
-from pt2serve.loader.schema import METADATA_KEY, Dim, ModelSchema, TensorSpec, dtype_name
-
-DEFAULT_MAX_BATCH = 1024
+from pt2serve.loader.schema import METADATA_KEY, Dim, ModelSchema, TensorSpec
 
 
 def import_factory(target: str) -> Callable[[], torch.nn.Module]:
@@ -41,7 +41,7 @@ def build_package(
     output_path: str | os.PathLike[str],
     *,
     batched: bool = True,
-    max_batch_size: int = DEFAULT_MAX_BATCH,
+    max_batch_size: int = defaults.MAX_BATCH,
     static_batch: int | None = None,
     output_names: list[str] | None = None,
     metadata: Mapping[str, str] | None = None,
@@ -99,7 +99,7 @@ def build_package(
         dims = tuple(Dim(size=s) for s in t.shape)
         if batched and static_batch is None:
             dims = (Dim(None, 1, max_batch_size), *dims[1:])
-        return TensorSpec(name, dtype_name(t.dtype), dims)
+        return TensorSpec(name, name_of(t.dtype), dims)
 
     schema = ModelSchema(
         inputs=tuple(spec(n, t) for n, t in examples.items()),

@@ -5,9 +5,10 @@ the runtime leaves out: a serving schema checked before every run, and dtype /
 shape / device / layout checks before every constant update (the runtime checks
 none and corrupts memory on a mismatch).
 
-Thread-safety: `run` may be called from several threads at once (the loader hands
-each call to one of its `num_runners` containers). Constant updates must not
-overlap runs; the scheduler serialises them (see `scheduler.ModelScheduler.exclusive`).
+Thread-safety: `run` may be called from several threads at once (the runtime hands
+each call to one of its `num_runners` model instances). Constant updates must not
+overlap runs; the scheduler serialises them (`ModelScheduler.exclusive`). Staging
+(`use_inactive`) may overlap runs: it writes only the inactive buffer.
 """
 
 from __future__ import annotations
@@ -20,18 +21,18 @@ from typing import Any
 
 import torch
 
+from pt2serve.loader import defaults
+from pt2serve.loader.dtypes import BY_TORCH
 from pt2serve.loader.errors import InvalidInput, PackageError, PackageNotFound, Unsupported, shown
 from pt2serve.loader.native import NativeContainer
+from pt2serve.loader.runtime import BindingRuntime, NativeRuntime, Runtime, no_constant_table
 from pt2serve.loader.schema import (
-    DTYPE_NAMES,
     METADATA_KEY,
     ConstantSpec,
     ModelSchema,
     constants_from_wrapper,
     derive_from_wrapper,
 )
-
-DEFAULT_MODEL_NAME = "model"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,21 +43,18 @@ class CallSpec:
     output_names: tuple[str, ...]
 
 
-RUNTIMES = ("native", "binding")
-
-
 @dataclass(frozen=True, slots=True)
 class LoadOptions:
-    model_name: str = DEFAULT_MODEL_NAME
+    model_name: str = defaults.MODEL_NAME
     run_single_threaded: bool = False
-    num_runners: int = 1
-    device_index: int = -1
+    num_runners: int = defaults.NUM_RUNNERS
+    device_index: int = defaults.DEVICE_INDICES[0]
     # "native": the model's C ABI through ctypes, GIL released while it runs.
     # "binding": torch's AOTIModelPackageLoader, the reference implementation.
-    runtime: str = "native"
+    runtime: str = defaults.RUNTIME
 
 
-def load_metadata_from_package(path: str, model_name: str = DEFAULT_MODEL_NAME) -> dict[str, str]:
+def load_metadata_from_package(path: str, model_name: str = defaults.MODEL_NAME) -> dict[str, str]:
     """The package's metadata, read without loading the model."""
     _check_package_file(path)
     loader_cls: Any = torch._C._aoti.AOTIModelPackageLoader
@@ -68,7 +66,7 @@ def load_metadata_from_package(path: str, model_name: str = DEFAULT_MODEL_NAME) 
         ) from exc
 
 
-def read_package_sources(path: str, model_name: str = DEFAULT_MODEL_NAME) -> str | None:
+def read_package_sources(path: str, model_name: str = defaults.MODEL_NAME) -> str | None:
     """The compiled wrapper .cpp of `model_name` in the package, or None if absent."""
     _check_package_file(path)
     try:
@@ -107,7 +105,7 @@ class ModelPackage:
         self,
         path: str,
         options: LoadOptions,
-        runtime: Any,
+        runtime: Runtime,
         schema: ModelSchema,
         metadata: dict[str, str],
         constants: dict[str, ConstantSpec] | None,
@@ -115,12 +113,10 @@ class ModelPackage:
         self.path = path
         self.options = options
         self.schema = schema
-        # Exactly one of the two runtimes serves this package.
-        self._native: NativeContainer | None = runtime if isinstance(runtime, NativeContainer) else None
-        self._loader: Any = None if self._native is not None else runtime
+        self._runtime = runtime
         self._metadata = metadata
         self._constants = constants
-        self._user_managed: dict[str, torch.Tensor] = {}
+        self.device = _device(metadata, options.device_index)
         # Internal names staged into the inactive buffer since the last swap.
         self._staged: set[str] = set()
         # Staged constants that a later staging call would overwrite with the active
@@ -138,12 +134,15 @@ class ModelPackage:
     ) -> ModelPackage:
         if options.num_runners < 1:
             raise InvalidInput(f"num_runners must be at least 1, got {options.num_runners}")
-        if options.runtime not in RUNTIMES:
-            raise InvalidInput(f"runtime must be one of {', '.join(RUNTIMES)}, got {options.runtime!r}")
+        if options.runtime not in defaults.RUNTIMES:
+            raise InvalidInput(
+                f"runtime must be one of {', '.join(defaults.RUNTIMES)}, got {options.runtime!r}"
+            )
         metadata = load_metadata_from_package(path, options.model_name)
         resolved = resolve_schema(path, options.model_name, metadata, schema)
         source = read_package_sources(path, options.model_name)
         constants = constants_from_wrapper(source) if source is not None else None
+        runtime: Runtime
         if options.runtime == "native":
             container = NativeContainer(
                 path,
@@ -158,50 +157,49 @@ class ModelPackage:
                     f"{path!r}: the model takes {container.num_inputs} inputs, "
                     f"the schema names {len(resolved.inputs)}"
                 )
-            return cls(path, options, container, resolved, metadata, constants)
-        try:
-            loader = torch._C._aoti.AOTIModelPackageLoader(
+            runtime = NativeRuntime(container, constants, path)
+        else:
+            binding = BindingRuntime.load(
                 path,
                 options.model_name,
                 options.run_single_threaded,
                 options.num_runners,
                 options.device_index,
             )
-        except RuntimeError as exc:
-            raise PackageError(
-                f"cannot load {shown(path)} (model {shown(options.model_name)}): {exc}"
-            ) from exc
-        return cls(path, options, loader, resolved, dict(loader.get_metadata()), constants)
+            runtime, metadata = binding, binding.metadata()
+        return cls(path, options, runtime, resolved, metadata, constants)
 
     def close(self) -> None:
         """Free the model container (the .so stays mapped: the runtime never unloads it)."""
-        if self._native is not None:
-            self._native.close()
-        self._loader = None
+        self._runtime.close()
 
     # ---------------------------------------------------------------- running
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Run validated inputs (call order); the runtime may reuse their storage."""
-        if self._native is not None:
-            return self._native.run(inputs)
-        outputs: list[torch.Tensor] = self._loader.boxed_run(list(inputs))
-        return outputs
+        """Run validated inputs (call order) on the package's device; the runtime
+        may reuse their storage."""
+        return self._runtime.run(inputs)
+
+    def run_on_host(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """`run` for host tensors: inputs move to the device, outputs come back."""
+        if self.device.type == "cpu":
+            return self._runtime.run(inputs)
+        moved = [t.to(self.device, non_blocking=True) for t in inputs]
+        return [t.cpu() for t in self._runtime.run(moved)]
+
+    def on_device(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`tensors` on this binding's device (constants to validate and load)."""
+        return {k: v.to(self.device) for k, v in tensors.items()}
 
     # ------------------------------------------------------------ inspection
     def get_metadata(self) -> dict[str, str]:
         return dict(self._metadata)
 
     def get_call_spec(self) -> CallSpec:
-        if self._native is not None:
-            in_spec, out_spec = self._native.call_spec()
-        else:
-            in_spec, out_spec = self._loader.get_call_spec()
+        in_spec, out_spec = self._runtime.call_spec()
         return CallSpec(in_spec, out_spec, self.schema.input_names, self.schema.output_names)
 
     def get_constant_fqns(self) -> list[str]:
-        if self._native is not None:
-            return [s.fqn for s in self._require_constant_table().values() if not s.from_folded]
-        return list(self._loader.get_constant_fqns())
+        return self._runtime.constant_fqns()
 
     def constant_specs(self) -> list[ConstantSpec]:
         """Each updatable constant with dtype and shape, in get_constant_fqns order."""
@@ -219,13 +217,12 @@ class ModelPackage:
     ) -> None:
         """`AOTIModelPackageLoader.load_constants`: keys are FQNs. Validated first."""
         self.validate_constants(constants, by_fqn=True, full=check_full_update)
-        if self._native is not None:
+        self._runtime.load_constants(
+            constants, use_inactive=use_inactive, full=check_full_update, user_managed=user_managed
+        )
+        if use_inactive:
             table = self._require_constant_table()
-            by_name = {table[fqn].internal_name: t for fqn, t in constants.items()}
-            self._native_update(by_name, use_inactive, check_full_update)
-            return
-        self._keep_user_managed(constants, user_managed)
-        self._loader.load_constants(dict(constants), use_inactive, check_full_update, user_managed)
+            self._note_staged({table[fqn].internal_name: t for fqn, t in constants.items()})
 
     def update_constant_buffer(
         self,
@@ -237,22 +234,17 @@ class ModelPackage:
     ) -> None:
         """`AOTIModelPackageLoader.update_constant_buffer`: keys are internal names."""
         self.validate_constants(tensors, by_fqn=False, full=validate_full_updates)
-        if self._native is not None:
-            self._native_update(tensors, use_inactive, validate_full_updates)
-            return
-        self._keep_user_managed(tensors, user_managed)
-        self._loader.update_constant_buffer(dict(tensors), use_inactive, validate_full_updates, user_managed)
-
-    def _native_update(self, by_name: Mapping[str, torch.Tensor], use_inactive: bool, full: bool) -> None:
-        # The native runtime always copies: user_managed (which makes the runtime
-        # borrow the caller's storage, and leaks with the binding) changes nothing.
-        assert self._native is not None
-        self._native.update_constants(by_name, use_inactive=use_inactive, validate_full=full)
+        self._runtime.update_constant_buffer(
+            tensors, use_inactive=use_inactive, full=validate_full_updates, user_managed=user_managed
+        )
         if use_inactive:
-            self._staged.update(by_name)
-            self._refilled.update((n, t) for n, t in by_name.items() if n in self._refilled_names)
-            # This call copied the active value of every refilled constant it left out.
-            self._refilled_current = not (self._refilled.keys() - by_name.keys())
+            self._note_staged(tensors)
+
+    def _note_staged(self, by_name: Mapping[str, torch.Tensor]) -> None:
+        self._staged.update(by_name)
+        self._refilled.update((n, t) for n, t in by_name.items() if n in self._refilled_names)
+        # This call copied the active value of every refilled constant it left out.
+        self._refilled_current = not (self._refilled.keys() - by_name.keys())
 
     def prepare_swap(self) -> None:
         """Stage the kept buffers again, in one call, so the inactive buffer holds
@@ -261,8 +253,9 @@ class ModelPackage:
         the old BatchNorm statistics. Cheap when nothing was reverted."""
         if self._refilled_current or not self._refilled:
             return
-        assert self._native is not None
-        self._native.update_constants(self._refilled, use_inactive=True, validate_full=False)
+        self._runtime.update_constant_buffer(
+            self._refilled, use_inactive=True, full=False, user_managed=False
+        )
         self._refilled_current = True
 
     def swap_constant_buffer(self) -> None:
@@ -270,8 +263,7 @@ class ModelPackage:
         the last swap: the runtime leaves unstaged parameters empty and then crashes."""
         self.check_swappable()
         self.prepare_swap()
-        assert self._native is not None
-        self._native.swap_constant_buffer()
+        self._runtime.swap_constant_buffer()
         self.discard_staged()
 
     def discard_staged(self) -> None:
@@ -281,7 +273,7 @@ class ModelPackage:
         self._refilled_current = True
 
     def check_swappable(self) -> None:
-        if self._native is None:
+        if not self._runtime.can_swap:
             raise Unsupported("torch's loader binding has no swap; load the model with the native runtime")
         table = self._require_constant_table()
         missing = sorted(
@@ -308,7 +300,8 @@ class ModelPackage:
             if spec is None:
                 known = ", ".join(sorted(specs)) or "none"
                 raise InvalidInput(f"unknown {what} {shown(key)}; known: {known}")
-            got = DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
+            found = BY_TORCH.get(tensor.dtype)
+            got = found.name if found is not None else str(tensor.dtype)
             if got != spec.dtype:
                 raise InvalidInput(f"{what} {shown(key)}: dtype {got}, expected {spec.dtype}")
             if tuple(tensor.shape) != spec.shape:
@@ -324,27 +317,17 @@ class ModelPackage:
             if missing:
                 raise InvalidInput(f"full update requested but {what} {shown(missing[0])} is missing")
 
-    def _keep_user_managed(self, tensors: Mapping[str, torch.Tensor], user_managed: bool) -> None:
-        # With user_managed the runtime points at our tensors' storage instead of
-        # copying it, so they must live as long as the buffer that uses them.
-        if user_managed:
-            self._user_managed.update(tensors)
-
     def _require_constant_table(self) -> dict[str, ConstantSpec]:
         if self._constants is None:
-            raise Unsupported(
-                f"{self.path!r} has no wrapper source, so constant dtypes and shapes are "
-                "unknown; constant updates are refused rather than risk corrupting memory"
-            )
+            raise no_constant_table(self.path)
         return self._constants
 
-    @property
-    def device(self) -> torch.device:
-        key = self._metadata.get("AOTI_DEVICE_KEY", "cpu")
-        if key == "cpu":
-            return torch.device("cpu")
-        index = self.options.device_index if self.options.device_index >= 0 else 0
-        return torch.device(key, index)
+
+def _device(metadata: Mapping[str, str], device_index: int) -> torch.device:
+    key = metadata.get("AOTI_DEVICE_KEY", "cpu")
+    if key == "cpu":
+        return torch.device("cpu")
+    return torch.device(key, device_index if device_index >= 0 else 0)
 
 
 def _device_string(metadata: Mapping[str, str], device_index: int) -> str:

@@ -18,30 +18,10 @@ from typing import Any
 
 import torch
 
+from pt2serve.loader.dtypes import BY_TORCH, DTYPES
 from pt2serve.loader.errors import InvalidInput, PackageError, shown
 
 METADATA_KEY = "pt2serve.schema"
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    try:
-        return DTYPE_NAMES[dtype]
-    except KeyError:
-        raise InvalidInput(f"dtype {dtype} is not supported") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +216,7 @@ class ModelSchema:
         )
         filled = []
         for spec, tensor in zip(self.outputs, outputs, strict=True):
-            dtype = spec.dtype or DTYPE_NAMES.get(tensor.dtype)
+            dtype = spec.dtype or _name_or_none(tensor.dtype)
             dims = spec.dims
             if dims is None:
                 dims = tuple(Dim(size) if fixed_tail else Dim(None) for size in tensor.shape)
@@ -270,9 +250,14 @@ class ModelSchema:
             raise PackageError(f"malformed serving schema: {exc}") from exc
 
 
+def _name_or_none(dtype: torch.dtype) -> str | None:
+    found = BY_TORCH.get(dtype)
+    return None if found is None else found.name
+
+
 def _check_tensor(spec: TensorSpec, tensor: torch.Tensor, batch_dim: Dim | None) -> None:
-    if spec.dtype is not None and DTYPE_NAMES.get(tensor.dtype) != spec.dtype:
-        got = DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
+    if spec.dtype is not None and _name_or_none(tensor.dtype) != spec.dtype:
+        got = _name_or_none(tensor.dtype) or str(tensor.dtype)
         raise InvalidInput(f"input {spec.name!r}: dtype {got}, expected {spec.dtype}")
     if spec.dims is None:
         return

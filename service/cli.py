@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import logging
 import pathlib
@@ -16,19 +17,22 @@ import grpc
 import numpy as np
 import torch
 
+from pt2serve.loader import defaults
+from pt2serve.loader.dtypes import DTYPES
 from pt2serve.loader.errors import Pt2ServeError
 from pt2serve.loader.package import load_metadata_from_package, read_package_sources, resolve_schema
-from pt2serve.loader.schema import DTYPES, ModelSchema
-from pt2serve.scheduler.manager import ModelConfig
+from pt2serve.loader.schema import ModelSchema
+from pt2serve.scheduler.config import ModelConfig
 from pt2serve.service.config import (
     DEFAULT_GRPC_PORT,
-    DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_METRICS_PORT,
+    SERVER_KEYS,
     ServerConfig,
-    load_config,
+    configure,
     parse_model_flag,
 )
 from pt2serve.service.security import TOKEN_ENV, read_token
+from pt2serve.service.tensors import DEFAULT_MAX_MESSAGE_BYTES
 
 if TYPE_CHECKING:
     from pt2serve.service.client import Pt2ServeClient
@@ -72,9 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--management-token-file", help=f"require this bearer token for management RPCs (or set ${TOKEN_ENV})"
     )
-    serve.add_argument("--tls-cert", help="serve TLS with this certificate ...")
-    serve.add_argument("--tls-key", help="... and this private key")
-    serve.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
+    serve.add_argument("--tls-cert", dest="tls_cert_file", help="serve TLS with this certificate ...")
+    serve.add_argument("--tls-key", dest="tls_key_file", help="... and this private key")
+    serve.add_argument(
+        "--tls-client-ca",
+        dest="tls_client_ca_file",
+        help="require client certificates signed by this CA (mutual TLS)",
+    )
     serve.set_defaults(func=_serve)
 
     build = sub.add_parser("build", help="export and compile a module into a .pt2 package")
@@ -87,7 +95,12 @@ def _parser() -> argparse.ArgumentParser:
         help="one per forward argument, in order (dtype default float32)",
     )
     build.add_argument("-o", "--output", required=True, metavar="PATH.pt2")
-    build.add_argument("--max-batch", type=int, default=1024, help="upper bound of the batch dim")
+    build.add_argument(
+        "--max-batch",
+        type=int,
+        default=defaults.MAX_BATCH,
+        help=f"upper bound of the batch dim (default {defaults.MAX_BATCH})",
+    )
     build.add_argument("--no-batch", action="store_true", help="the model has no batch dimension")
     build.add_argument(
         "--static-batch",
@@ -138,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="show a package's metadata and schema without loading it")
     inspect.add_argument("path")
-    inspect.add_argument("--model-name", default="model")
+    inspect.add_argument("--model-name", default=defaults.MODEL_NAME)
     inspect.set_defaults(func=_inspect)
     return parser
 
@@ -169,21 +182,9 @@ def _client(args: argparse.Namespace) -> Pt2ServeClient:
 
 # ---------------------------------------------------------------------- serve
 def _serve(args: argparse.Namespace) -> int:
-    config = load_config(args.config) if args.config else ServerConfig()
-    overrides: dict[str, object] = {}
-    for flag, key in (("host", "host"), ("grpc_port", "grpc_port"), ("metrics_port", "metrics_port")):
-        if getattr(args, flag) is not None:
-            overrides[key] = getattr(args, flag)
-    if args.max_message_mb is not None:
-        overrides["max_message_bytes"] = args.max_message_mb << 20
-    for flag, key in (
-        ("management_token_file", "management_token_file"),
-        ("tls_cert", "tls_cert_file"),
-        ("tls_key", "tls_key_file"),
-        ("tls_client_ca", "tls_client_ca_file"),
-    ):
-        if getattr(args, flag):
-            overrides[key] = str(pathlib.Path(getattr(args, flag)).resolve())
+    # The serve flags carry the config file's key names (dest), so the file and the
+    # flags are read by one table: service.config.SERVER_KEYS.
+    config = configure(args.config, {k: v for k, v in vars(args).items() if k in SERVER_KEYS})
     models = list(config.models)
     for flag in args.model:
         name, path = parse_model_flag(flag)
@@ -195,10 +196,7 @@ def _serve(args: argparse.Namespace) -> int:
         models.append(
             ModelConfig(name="demo", package_path=str(demo_package()), num_runners=args.num_runners)
         )
-    from dataclasses import replace
-
-    config = replace(config, models=tuple(models), **overrides)  # type: ignore[arg-type]
-    asyncio.run(_run_server(config))
+    asyncio.run(_run_server(dataclasses.replace(config, models=tuple(models))))
     return 0
 
 
@@ -330,54 +328,10 @@ def _random_for(schema: ModelSchema, name: str, rows: int, generator: torch.Gene
 
 # ------------------------------------------------------------------ constants
 def _constants(args: argparse.Namespace) -> int:
-    from pt2serve.service.pb import pt2serve_pb2 as pb
+    from pt2serve.service.cli_constants import constants_command
 
-    skipped: list[str] = []
     with _client(args) as client:
-        if args.action == "list":
-            listed = client.loader.GetConstantFqns(pb.GetConstantFqnsRequest(name=args.model))
-            for c in listed.constants:
-                print(f"{c.fqn} ({c.internal_name}): {pb.DType.Name(c.dtype).lower()}{list(c.shape)}")
-            return 0
-        if args.action == "swap":
-            response = client.swap_constants(args.model)
-        elif args.upload:
-            from pt2serve.loader.weights import open_weights
-
-            with open_weights(args.file) as weights:
-                tensors = {key: weights.get(key) for key in weights.keys()}
-            known = {
-                c.fqn
-                for c in client.loader.GetConstantFqns(pb.GetConstantFqnsRequest(name=args.model)).constants
-            }
-            skipped = sorted(set(tensors) - known)
-            response = client.load_constants(
-                args.model,
-                {k: v for k, v in tensors.items() if k in known},
-                use_inactive=args.inactive or args.swap,
-                check_full_update=args.full,
-                label=args.label,
-            )
-            if args.swap:
-                updated = response.updated
-                response = client.swap_constants(args.model)
-                response.updated = updated
-        else:
-            response = client.load_constants_from_file(
-                args.model,
-                args.file,
-                swap=args.swap,
-                use_inactive=args.inactive,
-                check_full_update=args.full,
-                label=args.label,
-            )
-    label = f" ({response.constants_label})" if response.constants_label else ""
-    version = f"{response.constants_version}{label}"
-    print(f"model {args.model}: {response.updated} constant(s) updated; serving version {version}")
-    ignored = sorted({*response.ignored, *skipped})
-    if ignored:
-        print(f"ignored (not constants of the model): {', '.join(ignored)}")
-    return 0
+        return constants_command(client, args)
 
 
 # -------------------------------------------------------------------- inspect

@@ -14,8 +14,7 @@ import grpc
 import numpy as np
 import torch
 
-from pt2serve.service import convert
-from pt2serve.service.config import DEFAULT_MAX_MESSAGE_BYTES
+from pt2serve.service import tensors
 from pt2serve.service.pb import pt2serve_pb2 as pb
 from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
 from pt2serve.service.security import channel_credentials
@@ -27,7 +26,7 @@ CHUNK_BYTES = 1 << 20
 
 def _tensor(value: ArrayLike) -> pb.Tensor:
     tensor = torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value
-    return convert.tensor_to_pb(tensor)
+    return tensors.tensor_to_pb(tensor)
 
 
 class Pt2ServeClient:
@@ -35,7 +34,7 @@ class Pt2ServeClient:
         self,
         target: str,
         *,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes: int = tensors.DEFAULT_MAX_MESSAGE_BYTES,
         tls: bool = False,
         ca_file: str | None = None,
         cert_file: str | None = None,
@@ -167,9 +166,9 @@ def constant_messages(
     )
     for fqn, value in constants.items():
         tensor = torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value
-        for chunk in convert.chunk_tensor(fqn, tensor, chunk_bytes):
+        for chunk in tensors.chunk_tensor(fqn, tensor, chunk_bytes):
             yield pb.LoadConstantsRequest(name=model, chunks=[chunk])
 
 
 def decode_outputs(response: pb.RunResponse) -> dict[str, torch.Tensor]:
-    return convert.tensors_from_pb(response.outputs, "outputs")
+    return tensors.tensors_from_pb(response.outputs, "outputs")

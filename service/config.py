@@ -1,26 +1,25 @@
-"""Server configuration: one typed, frozen value built from flags or a TOML file."""
+"""Server configuration: one typed, frozen value, assembled once (`configure`) from a
+TOML file and command-line flags. Each key is declared once, in a table that names
+its field and how its value is read; flags use the same key names."""
 
 from __future__ import annotations
 
 import os
 import pathlib
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pt2serve.loader.errors import AccessDenied, InvalidInput, shown
 from pt2serve.loader.schema import ModelSchema
-from pt2serve.scheduler.batcher import BatchingConfig
-from pt2serve.scheduler.manager import ModelConfig
+from pt2serve.scheduler.config import BatchingConfig, ModelConfig
+from pt2serve.service.tensors import DEFAULT_MAX_MESSAGE_BYTES
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_GRPC_PORT = 8500
-DEFAULT_DRAIN_GRACE_S = 10.0
-DEFAULT_GIL_SWITCH_INTERVAL_US = 200
-DEFAULT_GC_GEN0_THRESHOLD = 20_000
-DEFAULT_MAX_TENSOR_BYTES = 1 << 30
 DEFAULT_METRICS_PORT = 8502
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_TENSOR_BYTES = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,17 +32,17 @@ class ServerConfig:
     # Relative package paths (flags, config, LoadModel) resolve against this.
     model_root: str = "."
     # How long queued requests get to finish on shutdown.
-    drain_grace_s: float = DEFAULT_DRAIN_GRACE_S
+    drain_grace_s: float = 10.0
     # Python's GIL switch interval for the process. Runner threads need the GIL for
     # a moment before and after each batch; at the default 5 ms they wait behind
     # the event loop, and batches stall (measured: half the throughput at 64
     # requests in flight). 0 keeps Python's default.
-    gil_switch_interval_us: int = DEFAULT_GIL_SWITCH_INTERVAL_US
+    gil_switch_interval_us: int = 200
     # Allocations between young-generation garbage collections (Python's default is
     # 700: at thousands of requests a second the collector runs hundreds of times a
     # second). Objects alive once the models are loaded are frozen out of collection.
     # 0 keeps Python's default.
-    gc_gen0_threshold: int = DEFAULT_GC_GEN0_THRESHOLD
+    gc_gen0_threshold: int = 20_000
     # Close client connections after this long (0: never), so clients behind a
     # per-connection load balancer reconnect and spread over new replicas. Calls
     # in progress get max_connection_age_grace_s to finish.
@@ -102,125 +101,137 @@ def parse_model_flag(value: str) -> tuple[str, str]:
     return name, path
 
 
+# A key's reader: (value, directory relative paths resolve against) -> field value.
+Reader = Callable[[Any, pathlib.Path], Any]
+
+
+def _path(value: Any, base: pathlib.Path) -> str:
+    return str((base / os.path.expanduser(str(value))).resolve())
+
+
+def _megabytes(value: Any, base: pathlib.Path) -> int:
+    return int(value) << 20
+
+
+def _as(kind: Callable[[Any], Any]) -> Reader:
+    return lambda value, base: kind(value)
+
+
+# [server] keys (and the flags of the same names): key -> (ServerConfig field, reader).
+SERVER_KEYS: dict[str, tuple[str, Reader]] = {
+    "host": ("host", _as(str)),
+    "grpc_port": ("grpc_port", _as(int)),
+    "metrics_port": ("metrics_port", _as(int)),
+    "max_message_mb": ("max_message_bytes", _megabytes),
+    "model_root": ("model_root", _path),
+    "drain_grace_s": ("drain_grace_s", _as(float)),
+    "gil_switch_interval_us": ("gil_switch_interval_us", _as(int)),
+    "gc_gen0_threshold": ("gc_gen0_threshold", _as(int)),
+    "max_connection_age_s": ("max_connection_age_s", _as(float)),
+    "max_connection_age_grace_s": ("max_connection_age_grace_s", _as(float)),
+    "max_tensor_mb": ("max_tensor_bytes", _megabytes),
+    "max_concurrent_streams": ("max_concurrent_streams", _as(int)),
+    "management_token_file": ("management_token_file", _path),
+    "tls_cert_file": ("tls_cert_file", _path),
+    "tls_key_file": ("tls_key_file", _path),
+    "tls_client_ca_file": ("tls_client_ca_file", _path),
+}
+MODEL_KEYS: dict[str, tuple[str, Reader]] = {
+    "name": ("name", _as(str)),
+    "path": ("package_path", _path),
+    "model_name": ("model_name", _as(str)),
+    "run_single_threaded": ("run_single_threaded", _as(bool)),
+    "num_runners": ("num_runners", _as(int)),
+    "devices": ("device_indices", lambda value, base: tuple(int(d) for d in value)),
+    "schema": ("schema", lambda value, base: ModelSchema.from_json(_read(base / value), source="user")),
+    "runtime": ("runtime", _as(str)),
+    "warmup": ("warmup", _as(bool)),
+}
+# [models.batching]: durations in microseconds, as in the API; the _ms names of
+# earlier releases are still read.
+BATCHING_KEYS: dict[str, tuple[str, Reader]] = {
+    "max_batch_size": ("max_batch_size", _as(int)),
+    "max_queue_delay_us": ("max_queue_delay_us", _as(int)),
+    "max_queue_delay_ms": ("max_queue_delay_us", lambda value, base: round(float(value) * 1000)),
+    "max_queue_size": ("max_queue_size", _as(int)),
+    "default_timeout_us": ("default_timeout_us", _as(int)),
+    "default_timeout_ms": ("default_timeout_us", lambda value, base: round(float(value) * 1000)),
+    "priority_levels": ("priority_levels", _as(int)),
+    "preferred_batch_sizes": ("preferred_batch_sizes", lambda value, base: tuple(int(s) for s in value)),
+    "max_rows_per_request": ("max_rows_per_request", _as(int)),
+}
+
+
+def configure(
+    file: str | os.PathLike[str] | None = None, flags: Mapping[str, Any] | None = None
+) -> ServerConfig:
+    """The server's configuration: the file's [server] table and [[models]], then the
+    flags (keyed like [server]; None means not given) on top. Relative paths in the
+    file resolve against its directory (models against model_root); in flags,
+    against the working directory."""
+    table: dict[str, Any] = {}
+    entries: list[Any] = []
+    base = pathlib.Path.cwd()
+    if file is not None:
+        path = pathlib.Path(file)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidInput(f"cannot read config {str(path)!r}: {exc}") from exc
+        table = _table(raw, "server", str(path))
+        entries = list(raw.get("models", []))
+        base = path.parent.resolve()
+    values = _read_table(table, SERVER_KEYS, base, "[server]")
+    values.setdefault("model_root", str(base))
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    values.update(_read_table(given, SERVER_KEYS, pathlib.Path.cwd(), "flags"))
+    root = pathlib.Path(values["model_root"])
+    models = tuple(_model(entry, i, root) for i, entry in enumerate(entries))
+    return ServerConfig(**values, models=models)
+
+
 def load_config(path: str | os.PathLike[str]) -> ServerConfig:
     """Read a TOML config file (see deploy/config.example.toml)."""
-    file = pathlib.Path(path)
-    try:
-        raw = tomllib.loads(file.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise InvalidInput(f"cannot read config {str(file)!r}: {exc}") from exc
-    server = _table(raw, "server", str(file))
-    _reject_unknown(
-        server,
-        {
-            "host",
-            "grpc_port",
-            "metrics_port",
-            "max_message_mb",
-            "model_root",
-            "drain_grace_s",
-            "gil_switch_interval_us",
-            "gc_gen0_threshold",
-            "max_connection_age_s",
-            "max_connection_age_grace_s",
-            "max_tensor_mb",
-            "max_concurrent_streams",
-            "management_token_file",
-            "tls_cert_file",
-            "tls_key_file",
-            "tls_client_ca_file",
-        },
-        "[server]",
-    )
-    root = str((file.parent / server.get("model_root", ".")).resolve())
-    models = tuple(_model(entry, i, root) for i, entry in enumerate(raw.get("models", [])))
-    return ServerConfig(
-        host=server.get("host", DEFAULT_HOST),
-        grpc_port=int(server.get("grpc_port", DEFAULT_GRPC_PORT)),
-        metrics_port=int(server.get("metrics_port", DEFAULT_METRICS_PORT)),
-        max_message_bytes=int(server.get("max_message_mb", DEFAULT_MAX_MESSAGE_BYTES >> 20)) << 20,
-        model_root=root,
-        drain_grace_s=float(server.get("drain_grace_s", DEFAULT_DRAIN_GRACE_S)),
-        gil_switch_interval_us=int(server.get("gil_switch_interval_us", DEFAULT_GIL_SWITCH_INTERVAL_US)),
-        gc_gen0_threshold=int(server.get("gc_gen0_threshold", DEFAULT_GC_GEN0_THRESHOLD)),
-        max_connection_age_s=float(server.get("max_connection_age_s", 0.0)),
-        max_connection_age_grace_s=float(server.get("max_connection_age_grace_s", 30.0)),
-        max_tensor_bytes=int(server.get("max_tensor_mb", DEFAULT_MAX_TENSOR_BYTES >> 20)) << 20,
-        max_concurrent_streams=int(server.get("max_concurrent_streams", 0)),
-        management_token_file=_path(file, server.get("management_token_file")),
-        tls_cert_file=_path(file, server.get("tls_cert_file")),
-        tls_key_file=_path(file, server.get("tls_key_file")),
-        tls_client_ca_file=_path(file, server.get("tls_client_ca_file")),
-        models=models,
-    )
+    return configure(path)
 
 
-_BATCHING_DEFAULTS = BatchingConfig()
-_MODEL_KEYS = {
-    "name",
-    "path",
-    "model_name",
-    "run_single_threaded",
-    "num_runners",
-    "devices",
-    "schema",
-    "batching",
-    "runtime",
-    "warmup",
-}
-_BATCHING_KEYS = {
-    "max_batch_size",
-    "max_queue_delay_ms",
-    "max_queue_size",
-    "default_timeout_ms",
-    "priority_levels",
-    "preferred_batch_sizes",
-    "max_rows_per_request",
-}
-
-
-def _model(entry: dict[str, Any], index: int, root: str) -> ModelConfig:
+def _model(entry: Any, index: int, root: pathlib.Path) -> ModelConfig:
     where = f"[[models]] #{index + 1}"
-    _reject_unknown(entry, _MODEL_KEYS, where)
+    if not isinstance(entry, dict):
+        raise InvalidInput(f"{where} must be a table")
     for key in ("name", "path"):
         if key not in entry:
             raise InvalidInput(f"{where}: {key!r} is required")
-    schema = None
-    if "schema" in entry:
-        schema_path = pathlib.Path(root, entry["schema"])
-        schema = ModelSchema.from_json(schema_path.read_text(), source="user")
-    batching = None
-    if "batching" in entry:
-        b = entry["batching"]
-        _reject_unknown(b, _BATCHING_KEYS, f"{where}.batching")
-        timeout = b.get("default_timeout_ms")
-        batching = BatchingConfig(
-            max_batch_size=int(b.get("max_batch_size", 0)),
-            max_queue_delay_s=float(b.get("max_queue_delay_ms", 0)) / 1e3,
-            max_queue_size=int(b.get("max_queue_size", _BATCHING_DEFAULTS.max_queue_size)),
-            default_timeout_s=float(timeout) / 1e3 if timeout else None,
-            priority_levels=int(b.get("priority_levels", _BATCHING_DEFAULTS.priority_levels)),
-            preferred_batch_sizes=tuple(int(s) for s in b.get("preferred_batch_sizes", ())),
-            max_rows_per_request=int(b["max_rows_per_request"]) if b.get("max_rows_per_request") else None,
-        )
-    return ModelConfig(
-        name=str(entry["name"]),
-        package_path=str(pathlib.Path(root, entry["path"]).resolve()),
-        model_name=str(entry.get("model_name", "model")),
-        run_single_threaded=bool(entry.get("run_single_threaded", False)),
-        num_runners=int(entry.get("num_runners", 1)),
-        device_indices=tuple(int(d) for d in entry.get("devices", (-1,))),
-        schema=schema,
-        batching=batching,
-        runtime=str(entry.get("runtime", "native")),
-        warmup=bool(entry.get("warmup", True)),
-    )
+    batching = entry.pop("batching", None)
+    values = _read_table(entry, MODEL_KEYS, root, where)
+    if batching is not None:
+        if not isinstance(batching, dict):
+            raise InvalidInput(f"{where}.batching must be a table")
+        values["batching"] = BatchingConfig(**_read_table(batching, BATCHING_KEYS, root, f"{where}.batching"))
+    return ModelConfig(**values)
 
 
-def _path(config_file: pathlib.Path, value: object) -> str | None:
-    if value is None:
-        return None
-    return str((config_file.parent / str(value)).resolve())
+def _read_table(
+    table: Mapping[str, Any], keys: Mapping[str, tuple[str, Reader]], base: pathlib.Path, where: str
+) -> dict[str, Any]:
+    unknown = sorted(set(table) - set(keys))
+    if unknown:
+        raise InvalidInput(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(keys))}")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        name, read = keys[key]
+        try:
+            values[name] = read(value, base)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"{where}: {key} = {shown(value)} is not valid: {exc}") from exc
+    return values
+
+
+def _read(path: pathlib.Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {str(path)!r}: {exc}") from exc
 
 
 def _table(raw: dict[str, Any], key: str, where: str) -> dict[str, Any]:
@@ -228,9 +239,3 @@ def _table(raw: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidInput(f"{where}: [{key}] must be a table")
     return value
-
-
-def _reject_unknown(table: dict[str, Any], known: set[str], where: str) -> None:
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise InvalidInput(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")

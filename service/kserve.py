@@ -5,72 +5,41 @@ servicer it only translates; domain errors map to the same status codes.
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import logging
+import functools
 from collections.abc import AsyncIterator, Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
 
+from pt2serve.loader.dtypes import BY_TORCH, TYPES
 from pt2serve.loader.errors import InvalidInput, ModelNotFound, Pt2ServeError, shown
-from pt2serve.loader.schema import DTYPE_NAMES, DTYPES, ModelSchema, TensorSpec
-from pt2serve.scheduler.manager import LoadedModel, ModelConfig, ModelManager, PendingInference
-from pt2serve.service.convert import check_shape, itemsize, tensor_bytes, tensor_from_wire
+from pt2serve.loader.schema import ModelSchema, TensorSpec
+from pt2serve.scheduler.config import ModelConfig
+from pt2serve.scheduler.dataplane import InferenceOptions, InferenceResult, OnDone, Ticket
+from pt2serve.scheduler.manager import ModelManager
+from pt2serve.scheduler.registry import LoadedModel
 from pt2serve.service.errors import message_of
 from pt2serve.service.pb import grpc_service_pb2 as v2
 from pt2serve.service.pb import grpc_service_pb2_grpc as v2_grpc
 from pt2serve.service.servicer import Context, deadline_of
+from pt2serve.service.streams import StreamProtocol, serve_stream
+from pt2serve.service.tensors import check_shape, tensor_bytes, tensor_from_wire
 
-log = logging.getLogger(__name__)
 PLATFORM = "pytorch_aoti"
 MODEL_VERSION = "1"
 EXTENSIONS = ["model_repository", "model_configuration", "statistics"]
 
-# Our dtype names <-> the protocol's datatype strings and Triton's config enum.
-DATATYPES = {
-    "bool": "BOOL",
-    "uint8": "UINT8",
-    "int8": "INT8",
-    "int16": "INT16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "float16": "FP16",
-    "bfloat16": "BF16",
-    "float32": "FP32",
-    "float64": "FP64",
-}
-FROM_DATATYPE = {v: k for k, v in DATATYPES.items()}
-CONFIG_TYPES = {
-    "bool": v2.TYPE_BOOL,
-    "uint8": v2.TYPE_UINT8,
-    "int8": v2.TYPE_INT8,
-    "int16": v2.TYPE_INT16,
-    "int32": v2.TYPE_INT32,
-    "int64": v2.TYPE_INT64,
-    "float16": v2.TYPE_FP16,
-    "bfloat16": v2.TYPE_BF16,
-    "float32": v2.TYPE_FP32,
-    "float64": v2.TYPE_FP64,
-}
-# Which typed-contents field carries each datatype (FP16/BF16 travel raw only).
-TYPED_FIELD = {
-    "BOOL": "bool_contents",
-    "UINT8": "uint_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-}
-
-
+# The protocol's datatype strings and Triton's config enum, from the one dtype table.
+DATATYPES = {t.name: t.kserve for t in TYPES}
+FROM_DATATYPE = {t.kserve: t for t in TYPES}
+CONFIG_TYPES: dict[str, Any] = {t.name: v2.DataType.Value(f"TYPE_{t.kserve}") for t in TYPES}
 # Types narrower than the typed-contents field that carries them (int32, uint32).
 NARROW_INT_RANGES = {
-    name: (int(torch.iinfo(DTYPES[name]).min), int(torch.iinfo(DTYPES[name]).max))
-    for name in ("int8", "int16", "uint8")
+    t.name: (int(torch.iinfo(t.torch).min), int(torch.iinfo(t.torch).max))
+    for t in TYPES
+    if t.name in ("int8", "int16", "uint8")
 }
 
 
@@ -111,35 +80,54 @@ def decode_inputs(request: v2.ModelInferRequest, max_bytes: int | None = None) -
         field = f"inputs[{shown(spec.name)}]"
         if spec.name in tensors:
             raise InvalidInput(f"{field}: given twice")
-        name = FROM_DATATYPE.get(spec.datatype)
-        if name is None:
+        element = FROM_DATATYPE.get(spec.datatype)
+        if element is None:
             raise InvalidInput(f"{field}: datatype {shown(spec.datatype)} is not supported")
         shape = list(spec.shape)
         if raw:
             if spec.HasField("contents"):
                 raise InvalidInput(f"{field}: has typed contents while raw_input_contents is used")
             tensors[spec.name] = tensor_from_wire(
-                field, raw[i], name, shape, max_bytes, data_has="raw contents have", type_label=spec.datatype
+                field,
+                raw[i],
+                element.name,
+                shape,
+                max_bytes,
+                data_has="raw contents have",
+                type_label=spec.datatype,
             )
-        else:
-            numel = check_shape(field, shape, itemsize(name), max_bytes)
-            typed = TYPED_FIELD.get(spec.datatype)
-            if typed is None:
-                raise InvalidInput(f"{field}: {spec.datatype} must be sent in raw_input_contents")
-            dtype = DTYPES[name]
-            values = list(getattr(spec.contents, typed))
-            if len(values) != numel:
-                raise InvalidInput(f"{field}: {typed} has {len(values)} values, shape {shape} needs {numel}")
-            if name in NARROW_INT_RANGES and values:
-                low, high = NARROW_INT_RANGES[name]
-                if min(values) < low or max(values) > high:
-                    bad = next(v for v in values if not low <= v <= high)
-                    raise InvalidInput(
-                        f"{field}: {typed} value {bad} is out of range for {spec.datatype} ({low}..{high})"
-                    )
-            tensor = torch.tensor(values, dtype=dtype) if values else torch.empty(0, dtype=dtype)
-            tensors[spec.name] = tensor.reshape(shape)
+            continue
+        numel = check_shape(field, shape, element.itemsize, max_bytes)
+        typed = element.kserve_contents
+        if typed is None:
+            raise InvalidInput(f"{field}: {spec.datatype} must be sent in raw_input_contents")
+        values = list(getattr(spec.contents, typed))
+        if len(values) != numel:
+            raise InvalidInput(f"{field}: {typed} has {len(values)} values, shape {shape} needs {numel}")
+        if element.name in NARROW_INT_RANGES and values:
+            low, high = NARROW_INT_RANGES[element.name]
+            if min(values) < low or max(values) > high:
+                bad = next(v for v in values if not low <= v <= high)
+                raise InvalidInput(
+                    f"{field}: {typed} value {bad} is out of range for {spec.datatype} ({low}..{high})"
+                )
+        tensor = torch.tensor(values, dtype=element.torch) if values else torch.empty(0, dtype=element.torch)
+        tensors[spec.name] = tensor.reshape(shape)
     return tensors
+
+
+def _infer_response(request: v2.ModelInferRequest, result: InferenceResult) -> v2.ModelInferResponse:
+    return encode_response(request, result.outputs, result.constants_version)
+
+
+def _stream_answer(request: v2.ModelInferRequest, result: InferenceResult) -> v2.ModelStreamInferResponse:
+    return v2.ModelStreamInferResponse(infer_response=_infer_response(request, result))
+
+
+def _stream_refusal(request: v2.ModelInferRequest, error: Pt2ServeError) -> v2.ModelStreamInferResponse:
+    return v2.ModelStreamInferResponse(
+        error_message=message_of(error), infer_response=v2.ModelInferResponse(id=request.id)
+    )
 
 
 def encode_response(
@@ -150,9 +138,7 @@ def encode_response(
     )
     response.parameters["constants_version"].int64_param = constants_version
     for name, tensor in outputs.items():
-        response.outputs.add(
-            name=name, datatype=DATATYPES[DTYPE_NAMES[tensor.dtype]], shape=list(tensor.shape)
-        )
+        response.outputs.add(name=name, datatype=BY_TORCH[tensor.dtype].kserve, shape=list(tensor.shape))
         response.raw_output_contents.append(tensor_bytes(tensor))
     return response
 
@@ -184,6 +170,7 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         self._max_tensor_bytes = max_tensor_bytes
         self._manager = manager
+        self._data = manager.data
         self._configured = configured
         self._confine = confine
         self._is_ready = is_ready
@@ -196,7 +183,7 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
         return v2.ServerReadyResponse(ready=self._is_ready())
 
     async def ModelReady(self, request: v2.ModelReadyRequest, context: Context) -> v2.ModelReadyResponse:
-        loaded = request.name in {m.config.name for m in self._manager.models()}
+        loaded = request.name in {m.name for m in self._manager.models()}
         return v2.ModelReadyResponse(ready=loaded and request.version in ("", MODEL_VERSION))
 
     async def ServerMetadata(
@@ -225,7 +212,7 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request: v2.ModelConfigRequest, context: Context) -> v2.ModelConfigResponse:
         model = self._model(request.name, request.version)
         schema: ModelSchema = model.schema
-        batching = model.scheduler.config
+        batching = model.batching
         config = v2.ModelConfig(
             name=model.config.name,
             platform=PLATFORM,
@@ -253,7 +240,7 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
             config.dynamic_batching.CopyFrom(
                 v2.ModelDynamicBatching(
                     preferred_batch_size=list(batching.preferred_batch_sizes),
-                    max_queue_delay_microseconds=round(batching.max_queue_delay_s * 1e6),
+                    max_queue_delay_microseconds=batching.max_queue_delay_us,
                     priority_levels=batching.priority_levels,
                     default_priority_level=1,
                 )
@@ -268,94 +255,44 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
         return v2.ModelStatisticsResponse(model_stats=[_statistics(m) for m in models])
 
     # ---------------------------------------------------------- inference
-    def _submit(self, request: v2.ModelInferRequest, context: Context) -> PendingInference:
-        try:
-            _check_version(request.model_version)
-            inputs = decode_inputs(request, self._max_tensor_bytes)
-            priority = _param_number(request.parameters, "priority")
-            timeout_us = _param_number(request.parameters, "timeout")
-        except Pt2ServeError as exc:
-            self._manager.note_rejected(request.model_name, exc)
-            raise
-        return self._manager.submit(
-            request.model_name,
-            inputs,
+    def _decode(
+        self, request: v2.ModelInferRequest, context: Context
+    ) -> tuple[Mapping[str, torch.Tensor], InferenceOptions]:
+        _check_version(request.model_version)
+        inputs = decode_inputs(request, self._max_tensor_bytes)
+        priority = _param_number(request.parameters, "priority")
+        timeout_us = _param_number(request.parameters, "timeout")
+        options = InferenceOptions(
             # The protocol's levels start at 1 (highest); 0 means the default.
             priority=max(0, (priority or 1) - 1),
             timeout_s=timeout_us / 1e6 if timeout_us else None,
             deadline=deadline_of(context),
-            output_names=[o.name for o in request.outputs],
+            output_names=tuple(o.name for o in request.outputs),
         )
+        return inputs, options
 
     async def ModelInfer(self, request: v2.ModelInferRequest, context: Context) -> v2.ModelInferResponse:
-        pending = self._submit(request, context)
-        await pending.future
-        result = pending.result()
-        return encode_response(request, result.outputs, result.constants_version)
+        decode = functools.partial(self._decode, request, context)
+        return _infer_response(request, await self._data.infer(request.model_name, decode))
 
-    async def ModelStreamInfer(
+    def ModelStreamInfer(
         self, request_iterator: AsyncIterator[v2.ModelInferRequest], context: Context
     ) -> AsyncIterator[v2.ModelStreamInferResponse]:
         """Answers in request order; a failed request is answered with `error_message`
         and the stream stays open."""
-        queue: asyncio.Queue[tuple[v2.ModelInferRequest, PendingInference | Exception] | None] = (
-            asyncio.Queue()
-        )
-        order: collections.deque[asyncio.Future[Any]] = collections.deque()
 
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    try:
-                        submitted: PendingInference | Exception = self._submit(request, context)
-                    except Exception as exc:
-                        submitted = exc
-                    if isinstance(submitted, PendingInference):
-                        order.append(submitted.future)
-                    queue.put_nowait((request, submitted))
-            finally:
-                queue.put_nowait(None)
+        def submit(request: v2.ModelInferRequest, on_done: OnDone) -> Ticket:
+            decode = functools.partial(self._decode, request, context)
+            return self._data.submit(request.model_name, decode, on_done)
 
-        reader = asyncio.create_task(read())
-        try:
-            while (item := await queue.get()) is not None:
-                request, outcome = item
-                yield await self._stream_answer(request, outcome)
-                if isinstance(outcome, PendingInference):
-                    order.popleft()
-            await reader
-        finally:
-            reader.cancel()
-            for future in order:
-                future.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-
-    @staticmethod
-    async def _stream_answer(
-        request: v2.ModelInferRequest, outcome: PendingInference | Exception
-    ) -> v2.ModelStreamInferResponse:
-        try:
-            if isinstance(outcome, Exception):
-                raise outcome
-            await asyncio.wait([outcome.future])
-            result = outcome.result()
-            return v2.ModelStreamInferResponse(
-                infer_response=encode_response(request, result.outputs, result.constants_version)
-            )
-        except Pt2ServeError as exc:
-            message = message_of(exc)
-        except Exception as exc:
-            log.exception("stream request %r failed", request.id)
-            message = f"internal error: {exc}"
-        return v2.ModelStreamInferResponse(
-            error_message=message, infer_response=v2.ModelInferResponse(id=request.id)
-        )
+        protocol = StreamProtocol(submit, _stream_answer, _stream_refusal)
+        return serve_stream(request_iterator, protocol, ordered=True)
 
     # --------------------------------------------------------- repository
     async def RepositoryIndex(
         self, request: v2.RepositoryIndexRequest, context: Context
     ) -> v2.RepositoryIndexResponse:
-        loaded = {m.config.name for m in self._manager.models()}
+        loaded = {m.name for m in self._manager.models()}
         names = sorted(loaded | set(self._configured))
         index = [
             v2.RepositoryIndexResponse.ModelIndex(
@@ -382,7 +319,7 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
             config = ModelConfig(name=name, package_path=self._confine(f"{name}.pt2", "model_name"))
         # Triton's semantics: loading a loaded model reloads it. The new one replaces
         # the old only once it is ready; if it fails, the old one keeps serving.
-        await self._manager.reload(config)
+        await self._manager.registry.reload(config)
         return v2.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
@@ -400,7 +337,7 @@ def _duration(count: int, seconds: float) -> v2.StatisticDuration:
 
 
 def _statistics(model: LoadedModel) -> v2.ModelStatistics:
-    stats = model.scheduler.stats
+    stats = model.stats
     requests = model.requests
     batch_counts = collections.Counter(stats.batch_sizes)
     return v2.ModelStatistics(

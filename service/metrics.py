@@ -1,5 +1,5 @@
 """Prometheus metrics: the `Telemetry` the scheduler reports to, a collector for
-live state, a gRPC interceptor for the standard gRPC server metrics, and the
+live state, the standard gRPC server metrics (applied by service/calls.py), and the
 /metrics HTTP endpoint. Everything takes an explicit registry.
 
 The metric list, with meanings and example PromQL, is in docs/metrics.md.
@@ -7,10 +7,9 @@ The metric list, with meanings and example PromQL, is in docs/metrics.md.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -26,9 +25,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pt2serve.loader.errors import ErrorKind, Pt2ServeError
+from pt2serve.loader.errors import ErrorKind
 from pt2serve.scheduler.manager import ModelManager
-from pt2serve.service.errors import status_of
 
 # Sub-millisecond buckets: queueing and overhead live there (the defaults start at 5 ms).
 LATENCY_BUCKETS = (
@@ -214,19 +212,18 @@ class ModelStateCollector(Collector):
             labels=["model"],
         )
         for model in self._manager.models():
-            name = model.config.name
-            scheduler = model.scheduler
+            name = model.name
             ready.add_metric([name], 1.0)
-            depth.add_metric([name], scheduler.queue_depth)
-            capacity.add_metric([name], scheduler.config.max_queue_size)
-            in_flight.add_metric([name], scheduler.batches_in_flight)
-            runners.add_metric([name], model.effective_runners * len(model.bindings))
+            depth.add_metric([name], model.queue_depth)
+            capacity.add_metric([name], model.batching.max_queue_size)
+            in_flight.add_metric([name], model.batches_in_flight)
+            runners.add_metric([name], model.runners)
             version.add_metric([name], model.constants_version)
             updated.add_metric([name], model.constants_updated_at)
         yield from (ready, depth, capacity, in_flight, runners, version, updated)
 
 
-class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class GrpcMetrics:
     """The standard gRPC server metrics (go-grpc-prometheus names and labels)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -251,88 +248,28 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
             registry=registry,
         )
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler: Any = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        service, _, method = handler_call_details.method.lstrip("/").partition("/")
-        if handler.unary_unary is not None:
-            kind, attr = "unary", "unary_unary"
-        elif handler.unary_stream is not None:
-            kind, attr = "server_stream", "unary_stream"
-        elif handler.stream_unary is not None:
-            kind, attr = "client_stream", "stream_unary"
-        else:
-            kind, attr = "bidi_stream", "stream_stream"
-        labels = (kind, service, method)
-        inner = getattr(handler, attr)
-        streaming_response = attr in ("unary_stream", "stream_stream")
-        streaming_request = attr in ("stream_unary", "stream_stream")
-        metrics = self
-        # Per-message counters, looked up once per call rather than per message.
-        received = metrics.received.labels(*labels)
-        sent = metrics.sent.labels(*labels)
-
-        def finish(started: float, code: grpc.StatusCode) -> None:
-            metrics.handled.labels(*labels, code.name).inc()
-            metrics.seconds.labels(*labels).observe(time.perf_counter() - started)
-
-        def count_requests(request: Any) -> Any:
-            if not streaming_request:
-                received.inc()
-                return request
-
-            async def counted() -> AsyncIterator[Any]:
-                async for item in request:
-                    received.inc()
-                    yield item
-
-            return counted()
-
-        if streaming_response:
-
-            async def stream_behavior(request: Any, context: Any) -> AsyncIterator[Any]:
-                started = time.perf_counter()
-                metrics.started.labels(*labels).inc()
-                try:
-                    async for item in inner(count_requests(request), context):
-                        sent.inc()
-                        yield item
-                except BaseException as exc:
-                    finish(started, _status_of(exc, context))
-                    raise
-                finish(started, context.code() or grpc.StatusCode.OK)
-
-            return handler._replace(**{attr: stream_behavior})
-
-        async def unary_behavior(request: Any, context: Any) -> Any:
-            started = time.perf_counter()
-            metrics.started.labels(*labels).inc()
-            try:
-                response = await inner(count_requests(request), context)
-            except BaseException as exc:
-                finish(started, _status_of(exc, context))
-                raise
-            sent.inc()
-            finish(started, context.code() or grpc.StatusCode.OK)
-            return response
-
-        return handler._replace(**{attr: unary_behavior})
+    def for_method(self, kind: str, service: str, method: str) -> MethodMetrics:
+        return MethodMetrics(self, (kind, service, method))
 
 
-def _status_of(exc: BaseException, context: Any) -> grpc.StatusCode:
-    if isinstance(exc, Pt2ServeError):
-        return status_of(exc)
-    code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return code
-    if isinstance(exc, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.UNKNOWN
+class MethodMetrics:
+    """One method's series, looked up once when the method is registered."""
+
+    def __init__(self, metrics: GrpcMetrics, labels: tuple[str, str, str]) -> None:
+        self._metrics = metrics
+        self._labels = labels
+        self.started = metrics.started.labels(*labels)
+        self.received = metrics.received.labels(*labels)
+        self.sent = metrics.sent.labels(*labels)
+        self._seconds = metrics.seconds.labels(*labels)
+        self._handled: dict[grpc.StatusCode, Any] = {}
+
+    def finish(self, started: float, code: grpc.StatusCode) -> None:
+        handled = self._handled.get(code)
+        if handled is None:
+            handled = self._handled[code] = self._metrics.handled.labels(*self._labels, code.name)
+        handled.inc()
+        self._seconds.observe(time.perf_counter() - started)
 
 
 def register_metrics(registry: CollectorRegistry, manager: ModelManager) -> Metrics:

@@ -8,11 +8,8 @@ bearer token when one is configured.
 
 from __future__ import annotations
 
-import hmac
 import os
 import pathlib
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import grpc
 
@@ -41,51 +38,6 @@ def read_token(path: str | None) -> str | None:
             raise ValueError(f"management token file {path!r} is empty")
         return token
     return os.environ.get(TOKEN_ENV) or None
-
-
-class ManagementAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """UNAUTHENTICATED for management calls without `authorization: Bearer <token>`."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler: Any = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method not in MANAGEMENT_METHODS:
-            return handler
-        if self._authorized(handler_call_details.invocation_metadata):
-            return handler
-        return _refusal(handler, handler_call_details.method)
-
-    def _authorized(self, metadata: Any) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization":
-                given = value.encode() if isinstance(value, str) else bytes(value)
-                return hmac.compare_digest(given, self._expected)
-        return False
-
-
-def _refusal(handler: Any, method: str) -> Any:
-    message = f"{method} needs the management token (metadata 'authorization: Bearer <token>')"
-
-    async def refuse_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    if handler.unary_unary is not None:
-        return handler._replace(unary_unary=refuse_unary)
-    if handler.stream_unary is not None:
-        return handler._replace(stream_unary=refuse_unary)
-
-    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        yield  # pragma: no cover - makes this an async generator
-
-    field = "unary_stream" if handler.unary_stream is not None else "stream_stream"
-    return handler._replace(**{field: refuse_stream})
 
 
 def server_credentials(cert_file: str, key_file: str, client_ca_file: str | None) -> grpc.ServerCredentials:

@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from pt2serve.loader.native import clean_stale_extractions
 from pt2serve.scheduler.manager import ModelManager
+from pt2serve.service.calls import CallPolicy, Registrar
 from pt2serve.service.config import ServerConfig
-from pt2serve.service.errors import CallsInFlight, DomainErrorInterceptor
+from pt2serve.service.errors import CallsInFlight
 from pt2serve.service.health import SERVICES, ModelHealth
 from pt2serve.service.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
 from pt2serve.service.kserve import KServeServicer
-from pt2serve.service.metrics import GrpcMetricsInterceptor, new_registry, register_metrics
+from pt2serve.service.metrics import GrpcMetrics, new_registry, register_metrics
 from pt2serve.service.pb import POOL
 from pt2serve.service.pb import grpc_service_pb2_grpc as v2_grpc
 from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
-from pt2serve.service.security import ManagementAuthInterceptor, read_token, server_credentials
+from pt2serve.service.security import read_token, server_credentials
 from pt2serve.service.servicer import InferenceServicer, ModelLoaderServicer
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ class Pt2Server:
             metrics = register_metrics(registry, self.manager)
         self.registry = registry
         self.manager.telemetry = metrics
-        self._grpc_metrics = GrpcMetricsInterceptor(registry)
+        self._grpc_metrics = GrpcMetrics(registry)
         self.health = ModelHealth()
         # Health follows the models, however they are loaded or unloaded.
         self.manager.on_change(self.health.set_serving)
@@ -82,17 +84,16 @@ class Pt2Server:
                 ("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
                 ("grpc.max_connection_age_grace_ms", int(cfg.max_connection_age_grace_s * 1000)),
             ]
-        interceptors: list[grpc.aio.ServerInterceptor] = [self._grpc_metrics]  # type: ignore[type-arg]
         token = read_token(cfg.management_token_file)
-        if token:
-            interceptors.append(ManagementAuthInterceptor(token))
-        interceptors.append(DomainErrorInterceptor(self._calls))
-        server = grpc.aio.server(interceptors=interceptors, options=options)
+        server = grpc.aio.server(options=options)
+        # Every method is wrapped once, at registration (service/calls.py): no
+        # per-call interceptors.
+        registrar: Any = Registrar(server, CallPolicy(self._grpc_metrics, token, self._calls))
         pb_grpc.add_ModelLoaderServicer_to_server(  # type: ignore[no-untyped-call]
-            ModelLoaderServicer(self.manager, cfg.confine, cfg.max_tensor_bytes), server
+            ModelLoaderServicer(self.manager, cfg.confine, cfg.max_tensor_bytes), registrar
         )
         pb_grpc.add_InferenceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(self.manager, cfg.max_tensor_bytes), server
+            InferenceServicer(self.manager, cfg.max_tensor_bytes), registrar
         )
         kserve = KServeServicer(
             self.manager,
@@ -101,13 +102,11 @@ class Pt2Server:
             lambda: self.ready,
             cfg.max_tensor_bytes,
         )
-        v2_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, server)  # type: ignore[no-untyped-call]
-        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
-        reflection.enable_server_reflection(
-            (*SERVICES, KSERVE_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
-            server,
-            pool=reflection_pool(),
-        )
+        v2_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, registrar)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, registrar)
+        names = (*SERVICES, KSERVE_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
+        reflector = reflection.aio.ReflectionServicer(names, pool=reflection_pool())  # type: ignore[attr-defined]
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflector, registrar)
         address = f"{cfg.host}:{cfg.grpc_port}"
         if cfg.tls_cert_file and cfg.tls_key_file:
             credentials = server_credentials(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_client_ca_file)
@@ -151,12 +150,12 @@ class Pt2Server:
         finally:
             if self._server is not None:
                 await self._server.stop(max(deadline - time.monotonic(), 0.0))
-        manager = self.manager
+        data = self.manager.data
         log.info(
             "stopped: %d requests accepted, %d answered, %d succeeded",
-            manager.accepted,
-            manager.answered,
-            manager.succeeded,
+            data.accepted,
+            data.answered,
+            data.succeeded,
         )
 
     async def wait_for_termination(self) -> None:

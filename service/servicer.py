@@ -1,44 +1,47 @@
-"""gRPC servicers: decode protobuf, await the domain layer, encode. Nothing else.
-
-Domain errors propagate to `service.errors.DomainErrorInterceptor`, except inside
-`RunStream`, where a failed request is answered on that request and the stream
-stays open.
-"""
+"""The native pt2serve.v1 services: each RPC decodes its request, awaits the domain
+layer (registry, data plane, constant operations) and encodes the answer. Domain
+errors become status codes in service/calls.py; streaming inference runs on the
+shared stream engine (service/streams.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import functools
-import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
+import torch
 
+from pt2serve.loader import defaults
 from pt2serve.loader.errors import InvalidInput, Pt2ServeError
-from pt2serve.scheduler.manager import (
-    ConstantUpdateResult,
-    InferenceResult,
-    LoadedModel,
-    ModelConfig,
-    ModelManager,
-    PendingInference,
-)
-from pt2serve.service import convert
+from pt2serve.scheduler.config import ModelConfig
+from pt2serve.scheduler.constants import ConstantUpdateResult
+from pt2serve.scheduler.dataplane import InferenceOptions, InferenceResult, OnDone, Ticket
+from pt2serve.scheduler.manager import ModelManager
+from pt2serve.scheduler.registry import LoadedModel
+from pt2serve.service import convert, tensors
 from pt2serve.service.errors import message_of, status_of
 from pt2serve.service.pb import pt2serve_pb2 as pb
 from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
+from pt2serve.service.streams import StreamProtocol, serve_stream
 
-log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
+ORDERED_METADATA_KEY = "pt2serve-ordered"
 
 
 def deadline_of(context: Context) -> float | None:
     """The call's gRPC deadline on the scheduler's clock (time.monotonic), if it has one."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
+
+
+def metadata_flag(context: Context, key: str) -> bool:
+    for name, value in context.invocation_metadata() or ():
+        if name == key:
+            text = value if isinstance(value, str) else value.decode()
+            return text.strip().lower() in ("1", "true", "yes")
+    return False
 
 
 def model_status(model: LoadedModel) -> pb.ModelStatus:
@@ -48,19 +51,19 @@ def model_status(model: LoadedModel) -> pb.ModelStatus:
         package_path=config.package_path,
         model_name=config.model_name,
         run_single_threaded=config.run_single_threaded,
-        num_runners=model.effective_runners,
+        num_runners=config.runners_per_device,
         device_indices=list(config.device_indices),
         schema=convert.schema_to_pb(model.schema),
-        batching=convert.batching_to_pb(model.scheduler.config),
+        batching=convert.batching_to_pb(model.batching),
         constants_version=model.constants_version,
         runtime=config.runtime,
         constants_label=model.constants_label,
         statistics=pb.ModelStatistics(
-            requests=model.scheduler.stats.requests,
-            batches=model.scheduler.stats.batches,
-            rows=model.scheduler.stats.rows,
-            queue_depth=model.scheduler.queue_depth,
-            batches_in_flight=model.scheduler.batches_in_flight,
+            requests=model.stats.requests,
+            batches=model.stats.batches,
+            rows=model.stats.rows,
+            queue_depth=model.queue_depth,
+            batches_in_flight=model.batches_in_flight,
         ),
     )
 
@@ -69,7 +72,7 @@ class ModelLoaderServicer(pb_grpc.ModelLoaderServicer):
     def __init__(
         self,
         manager: ModelManager,
-        path_resolver: Any,
+        path_resolver: Callable[..., str],
         max_tensor_bytes: int | None = None,
     ) -> None:
         self._max_tensor_bytes = max_tensor_bytes
@@ -80,13 +83,13 @@ class ModelLoaderServicer(pb_grpc.ModelLoaderServicer):
         config = ModelConfig(
             name=request.name,
             package_path=self._resolve(request.package_path),
-            model_name=request.model_name or "model",
+            model_name=request.model_name or defaults.MODEL_NAME,
             run_single_threaded=request.run_single_threaded,
-            num_runners=request.num_runners or 1,
-            device_indices=tuple(request.device_indices) or (-1,),
+            num_runners=request.num_runners or defaults.NUM_RUNNERS,
+            device_indices=tuple(request.device_indices) or defaults.DEVICE_INDICES,
             schema=convert.schema_from_pb(request.schema),
             batching=convert.batching_from_pb(request.batching),
-            runtime=request.runtime or "native",
+            runtime=request.runtime or defaults.RUNTIME,
             warmup=not request.skip_warmup,
         )
         model = await self._manager.load(config)
@@ -125,7 +128,7 @@ class ModelLoaderServicer(pb_grpc.ModelLoaderServicer):
             first = await messages.__anext__()
         except StopAsyncIteration:
             raise InvalidInput("LoadConstants: the stream carried no message") from None
-        upload = self._manager.begin_constant_upload(
+        upload = self._manager.constants.begin_upload(
             first.name,
             by_fqn=True,
             use_inactive=first.use_inactive,
@@ -134,13 +137,13 @@ class ModelLoaderServicer(pb_grpc.ModelLoaderServicer):
             label=first.label,
         )
         sizes = {
-            s.fqn: s.numel() * convert.itemsize(s.dtype) for s in self._manager.get_constants(first.name)
+            s.fqn: s.numel() * tensors.itemsize(s.dtype) for s in self._manager.get_constants(first.name)
         }
-        assembler = convert.ChunkAssembler(sizes.get)
+        assembler = tensors.ChunkAssembler(sizes.get)
         async with upload:
             message = first
             while True:
-                constants = convert.tensors_from_pb(message.constants, "constants", self._max_tensor_bytes)
+                constants = tensors.tensors_from_pb(message.constants, "constants", self._max_tensor_bytes)
                 for fqn, tensor in constants.items():
                     await upload.add(fqn, tensor)
                 for chunk in message.chunks:
@@ -157,7 +160,7 @@ class ModelLoaderServicer(pb_grpc.ModelLoaderServicer):
     async def LoadConstantsFromFile(
         self, request: pb.LoadConstantsFromFileRequest, context: Context
     ) -> pb.ConstantUpdateResponse:
-        result, ignored = await self._manager.load_constants_from_file(
+        result, ignored = await self._manager.constants.load_from_file(
             request.name,
             self._resolve(request.path, "path"),
             use_inactive=request.use_inactive or request.swap,
@@ -170,10 +173,10 @@ class ModelLoaderServicer(pb_grpc.ModelLoaderServicer):
     async def UpdateConstantBuffer(
         self, request: pb.UpdateConstantBufferRequest, context: Context
     ) -> pb.ConstantUpdateResponse:
-        tensors = convert.tensors_from_pb(request.constants, "constants", self._max_tensor_bytes)
-        result = await self._manager.update_constant_buffer(
+        received = tensors.tensors_from_pb(request.constants, "constants", self._max_tensor_bytes)
+        result = await self._manager.constants.update_constant_buffer(
             request.name,
-            tensors,
+            received,
             use_inactive=request.use_inactive,
             validate_full_updates=request.validate_full_updates,
             user_managed=request.user_managed,
@@ -184,13 +187,13 @@ class ModelLoaderServicer(pb_grpc.ModelLoaderServicer):
     async def SwapConstantBuffer(
         self, request: pb.SwapConstantBufferRequest, context: Context
     ) -> pb.ConstantUpdateResponse:
-        return _constant_response(await self._manager.swap_constant_buffer(request.name))
+        return _constant_response(await self._manager.constants.swap(request.name))
 
     async def LoadMetadataFromPackage(
         self, request: pb.LoadMetadataFromPackageRequest, context: Context
     ) -> pb.GetMetadataResponse:
         metadata = await self._manager.load_metadata_from_package(
-            self._resolve(request.package_path), request.model_name or "model"
+            self._resolve(request.package_path), request.model_name or defaults.MODEL_NAME
         )
         return pb.GetMetadataResponse(metadata=metadata)
 
@@ -198,160 +201,49 @@ class ModelLoaderServicer(pb_grpc.ModelLoaderServicer):
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, manager: ModelManager, max_tensor_bytes: int | None = None) -> None:
         self._max_tensor_bytes = max_tensor_bytes
-        self._manager = manager
+        self._data = manager.data
 
-    def _submit(
-        self,
-        request: pb.RunRequest,
-        context: Context,
-        on_done: Callable[[PendingInference], None] | None = None,
-    ) -> PendingInference:
-        try:
-            inputs = convert.tensors_from_pb(request.inputs, "inputs", self._max_tensor_bytes)
-        except Pt2ServeError as exc:
-            self._manager.note_rejected(request.model, exc)
-            raise
-        return self._manager.submit(
-            request.model,
-            inputs,
+    def _decode(
+        self, request: pb.RunRequest, context: Context
+    ) -> tuple[Mapping[str, torch.Tensor], InferenceOptions]:
+        inputs = tensors.tensors_from_pb(request.inputs, "inputs", self._max_tensor_bytes)
+        options = InferenceOptions(
             priority=request.priority,
             timeout_s=request.timeout_us / 1e6 if request.timeout_us else None,
             deadline=deadline_of(context),
-            output_names=list(request.output_names),
-            on_done=on_done,
+            output_names=tuple(request.output_names),
         )
+        return inputs, options
 
     async def Run(self, request: pb.RunRequest, context: Context) -> pb.RunResponse:
-        pending = self._submit(request, context)
-        await pending.future
-        return _response(request, pending.result())
+        result = await self._data.infer(request.model, functools.partial(self._decode, request, context))
+        response = pb.RunResponse()
+        _fill_response(response, request, result)
+        return response
 
-    async def RunStream(
+    def RunStream(
         self, request_iterator: AsyncIterator[pb.RunRequest], context: Context
     ) -> AsyncIterator[pb.RunStreamResponse]:
-        """Requests run concurrently; each answer is sent as soon as it is ready, or
-        in request order when the call carries the metadata `pt2serve-ordered: true`."""
-        answers = _StreamAnswers(_metadata_flag(context, ORDERED_METADATA_KEY))
-        pending: set[asyncio.Future[Any]] = set()
+        """Answers in completion order, or in request order when the call carries the
+        metadata `pt2serve-ordered: true`."""
 
-        def answer(request: pb.RunRequest, outcome: PendingInference | Exception, slot: _Slot) -> None:
-            try:
-                if isinstance(outcome, Exception):
-                    raise outcome
-                stream_response = pb.RunStreamResponse(request_id=request.request_id)
-                _fill_response(stream_response.response, request, outcome.result())
-                answers.fill(slot, stream_response)
-                return
-            except Pt2ServeError as exc:
-                error = pb.Error(code=status_of(exc).value[0], message=message_of(exc))
-            except Exception as exc:
-                log.exception("stream request %r failed", request.request_id)
-                error = pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message=f"internal error: {exc}")
-            answers.fill(slot, pb.RunStreamResponse(request_id=request.request_id, error=error))
+        def submit(request: pb.RunRequest, on_done: OnDone) -> Ticket:
+            decode = functools.partial(self._decode, request, context)
+            return self._data.submit(request.model, decode, on_done)
 
-        def settled(request: pb.RunRequest, slot: _Slot, submitted: PendingInference) -> None:
-            pending.discard(submitted.future)
-            if not submitted.future.cancelled():
-                answer(request, submitted, slot)
-
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    slot = answers.reserve()
-                    try:
-                        submitted = self._submit(request, context, functools.partial(settled, request, slot))
-                    except Exception as exc:
-                        answer(request, exc, slot)
-                        continue
-                    pending.add(submitted.future)
-                if pending:
-                    await asyncio.wait(list(pending))
-            finally:
-                answers.close()
-
-        reader = asyncio.create_task(read())
-        try:
-            while (batch := await answers.take()) is not None:
-                for item in batch:
-                    yield item
-            await reader
-        finally:
-            # The client went away or the call was cancelled: withdraw its queued work.
-            reader.cancel()
-            for future in list(pending):
-                future.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+        protocol = StreamProtocol(submit, _stream_answer, _stream_refusal)
+        return serve_stream(request_iterator, protocol, ordered=metadata_flag(context, ORDERED_METADATA_KEY))
 
 
-ORDERED_METADATA_KEY = "pt2serve-ordered"
+def _stream_answer(request: pb.RunRequest, result: InferenceResult) -> pb.RunStreamResponse:
+    answer = pb.RunStreamResponse(request_id=request.request_id)
+    _fill_response(answer.response, request, result)
+    return answer
 
 
-def _metadata_flag(context: Context, key: str) -> bool:
-    for name, value in context.invocation_metadata() or ():
-        if name == key:
-            text = value if isinstance(value, str) else value.decode()
-            return text.strip().lower() in ("1", "true", "yes")
-    return False
-
-
-class _Slot:
-    __slots__ = ("response",)
-
-    def __init__(self) -> None:
-        self.response: pb.RunStreamResponse | None = None
-
-
-_UNORDERED = _Slot()
-
-
-class _StreamAnswers:
-    """A stream's responses: sent as they complete, or held back to request order.
-
-    Filled by callbacks on the loop and drained by the stream's writer, which takes
-    everything ready at once: one wake-up of the writer per burst, not per answer.
-    """
-
-    def __init__(self, ordered: bool) -> None:
-        self._ready: list[pb.RunStreamResponse] = []
-        self._closed = False
-        self._wakeup: asyncio.Future[None] | None = None
-        self._ordered = ordered
-        self._waiting: collections.deque[_Slot] = collections.deque()
-
-    def reserve(self) -> _Slot:
-        if not self._ordered:
-            return _UNORDERED  # never written: unordered answers go straight out
-        slot = _Slot()
-        self._waiting.append(slot)
-        return slot
-
-    def fill(self, slot: _Slot, response: pb.RunStreamResponse) -> None:
-        if not self._ordered:
-            self._ready.append(response)
-        else:
-            slot.response = response
-            while self._waiting and self._waiting[0].response is not None:
-                self._ready.append(self._waiting.popleft().response)  # type: ignore[arg-type]
-        if self._ready:
-            self._wake()
-
-    def close(self) -> None:
-        self._closed = True
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
-
-    async def take(self) -> list[pb.RunStreamResponse] | None:
-        """Every response ready now (waiting for one); None once closed and drained."""
-        while not self._ready:
-            if self._closed:
-                return None
-            self._wakeup = asyncio.get_running_loop().create_future()
-            await self._wakeup
-        ready, self._ready = self._ready, []
-        return ready
+def _stream_refusal(request: pb.RunRequest, error: Pt2ServeError) -> pb.RunStreamResponse:
+    error_pb = pb.Error(code=status_of(error).value[0], message=message_of(error))
+    return pb.RunStreamResponse(request_id=request.request_id, error=error_pb)
 
 
 def _constant_response(
@@ -365,12 +257,6 @@ def _constant_response(
     )
 
 
-def _response(request: pb.RunRequest, result: InferenceResult) -> pb.RunResponse:
-    response = pb.RunResponse()
-    _fill_response(response, request, result)
-    return response
-
-
 def _fill_response(response: pb.RunResponse, request: pb.RunRequest, result: InferenceResult) -> None:
     """Write the answer into an empty `response` in place: building it inside its
     stream message avoids copying every output (this runs for every request)."""
@@ -378,4 +264,4 @@ def _fill_response(response: pb.RunResponse, request: pb.RunRequest, result: Inf
     response.request_id = request.request_id
     response.constants_version = result.constants_version
     for name, tensor in result.outputs.items():
-        convert.fill_tensor_pb(response.outputs[name], tensor)
+        tensors.fill_tensor_pb(response.outputs[name], tensor)

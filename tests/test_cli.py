@@ -136,7 +136,7 @@ default_timeout_ms = 250
     (model,) = loaded.models
     assert model.package_path == str(packages.unbatched) and model.num_runners == 2
     assert model.batching is not None and model.batching.max_queue_size == 7
-    assert model.batching.default_timeout_s == 0.25
+    assert model.batching.default_timeout_us == 250_000
     v = torch.randn(6)
     assert models.make_unbatched()(v).shape == (6,)
 

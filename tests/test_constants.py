@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from pt2serve.loader.errors import InvalidInput
-from pt2serve.service import convert
+from pt2serve.service import tensors
 from pt2serve.service.client import constant_messages
 from pt2serve.service.demo import DemoMLP, demo_model
 from pt2serve.service.pb import pt2serve_pb2 as pb
@@ -51,8 +51,8 @@ def weights_of(model: DemoMLP, fqns: list[str]) -> dict[str, torch.Tensor]:
 @settings(max_examples=50)
 def test_chunks_reassemble_exactly(shape: list[int], chunk: int, dtype: torch.dtype) -> None:
     tensor = (torch.randn(shape) * 10).to(dtype)
-    assembler = convert.ChunkAssembler()
-    done = [assembler.add(c) for c in convert.chunk_tensor("w", tensor, chunk)]
+    assembler = tensors.ChunkAssembler()
+    done = [assembler.add(c) for c in tensors.chunk_tensor("w", tensor, chunk)]
     assert all(d is None for d in done[:-1])
     assert done[-1] is not None
     fqn, rebuilt = done[-1]
@@ -61,8 +61,8 @@ def test_chunks_reassemble_exactly(shape: list[int], chunk: int, dtype: torch.dt
 
 
 def test_bad_chunks_are_refused() -> None:
-    chunks = convert.chunk_tensor("w", torch.arange(8, dtype=torch.float32), 8)
-    assembler = convert.ChunkAssembler()
+    chunks = tensors.chunk_tensor("w", torch.arange(8, dtype=torch.float32), 8)
+    assembler = tensors.ChunkAssembler()
     assembler.add(chunks[0])
     with pytest.raises(InvalidInput, match=r"chunks\['w'\]: chunk at byte 16, expected the next at byte 8"):
         assembler.add(chunks[2])
@@ -73,7 +73,7 @@ def test_bad_chunks_are_refused() -> None:
         assembler.add(other)
     too_long = pb.TensorChunk(fqn="v", dtype=pb.INT8, shape=[2], offset=0, data=b"\0\0\0")
     with pytest.raises(InvalidInput, match=r"chunks\['v'\]: 3 bytes sent, the constant has 2"):
-        convert.ChunkAssembler().add(too_long)
+        tensors.ChunkAssembler().add(too_long)
 
 
 async def test_chunked_upload_staged_then_swapped(running: Running) -> None:

@@ -70,11 +70,11 @@ async def swap_by_load_constants(running: Running, name: str, state: dict[str, t
 async def swap_by_update_constant_buffer(running: Running, name: str, state: dict[str, torch.Tensor]) -> None:
     listed = await running.loader.GetConstantFqns(pb.GetConstantFqnsRequest(name=name))
     internal = {c.fqn: c.internal_name for c in listed.constants}
-    from pt2serve.service import convert
+    from pt2serve.service import tensors
 
     request = pb.UpdateConstantBufferRequest(name=name, use_inactive=True, validate_full_updates=True)
     for fqn, tensor in state.items():
-        request.constants[internal[fqn]].CopyFrom(convert.tensor_to_pb(tensor))
+        request.constants[internal[fqn]].CopyFrom(tensors.tensor_to_pb(tensor))
     await running.loader.UpdateConstantBuffer(request)
     await running.loader.SwapConstantBuffer(pb.SwapConstantBufferRequest(name=name))
 

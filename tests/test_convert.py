@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from pt2serve.loader.errors import InvalidInput
 from pt2serve.loader.schema import DTYPES
-from pt2serve.service import convert
+from pt2serve.service import tensors
 from pt2serve.service.pb import pt2serve_pb2 as pb
 
 
@@ -24,20 +24,20 @@ def test_round_trip_is_exact(dtype: str, shape: list[int], transpose: bool, seed
     tensor = (torch.randn(shape, generator=g) * 50).to(DTYPES[dtype])
     if transpose and tensor.dim() >= 2:
         tensor = tensor.transpose(0, 1)  # not contiguous: sent in row-major order
-    wire = convert.tensor_to_pb(tensor)
+    wire = tensors.tensor_to_pb(tensor)
     assert list(wire.shape) == list(tensor.shape)
     assert len(wire.data) == tensor.numel() * tensor.element_size()
-    back = convert.tensor_from_pb(wire, "t")
+    back = tensors.tensor_from_pb(wire, "t")
     assert back.dtype == tensor.dtype and torch.equal(back, tensor)
 
 
 def test_bytes_are_little_endian_row_major() -> None:
-    wire = convert.tensor_to_pb(torch.tensor([[1, 2], [3, 4]], dtype=torch.int16).t())
+    wire = tensors.tensor_to_pb(torch.tensor([[1, 2], [3, 4]], dtype=torch.int16).t())
     assert wire.data == bytes([1, 0, 3, 0, 2, 0, 4, 0])
 
 
 def test_decoded_tensor_owns_writable_memory() -> None:
-    back = convert.tensor_from_pb(convert.tensor_to_pb(torch.ones(3)), "t")
+    back = tensors.tensor_from_pb(tensors.tensor_to_pb(torch.ones(3)), "t")
     back.add_(1)
     assert torch.equal(back, torch.full((3,), 2.0))
 
@@ -59,7 +59,7 @@ def test_decoded_tensor_owns_writable_memory() -> None:
 )
 def test_malformed_tensors_name_the_field(message: pb.Tensor, fragment: str) -> None:
     with pytest.raises(InvalidInput) as info:
-        convert.tensor_from_pb(message, "f")
+        tensors.tensor_from_pb(message, "f")
     assert fragment in str(info.value)
 
 
@@ -74,9 +74,9 @@ def test_malformed_tensors_name_the_field(message: pb.Tensor, fragment: str) -> 
 )
 def test_declared_sizes_are_bounded_before_any_allocation(shape: list[int], data: bytes) -> None:
     with pytest.raises(InvalidInput, match="f: "):
-        convert.tensor_from_pb(pb.Tensor(dtype=pb.FLOAT32, shape=shape, data=data), "f", max_bytes=32)
+        tensors.tensor_from_pb(pb.Tensor(dtype=pb.FLOAT32, shape=shape, data=data), "f", max_bytes=32)
 
 
 def test_a_tensor_at_the_limit_is_accepted() -> None:
     wire = pb.Tensor(dtype=pb.FLOAT32, shape=[2, 4], data=b"\0" * 32)
-    assert convert.tensor_from_pb(wire, "f", max_bytes=32).shape == (2, 4)
+    assert tensors.tensor_from_pb(wire, "f", max_bytes=32).shape == (2, 4)

@@ -18,7 +18,7 @@ import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
 from pt2serve.loader.errors import ErrorKind
-from pt2serve.service import convert
+from pt2serve.service import tensors
 from pt2serve.service.metrics import Metrics, start_metrics_server
 from pt2serve.service.pb import pt2serve_pb2 as pb
 from tests.conftest import Running, require_tool
@@ -60,9 +60,9 @@ async def produce_traffic(running: Running) -> None:
     await expect_error(
         running.inference.Run(run_request("nope", x=torch.randn(2, 3))), grpc.StatusCode.NOT_FOUND
     )
-    weight = convert.tensor_to_pb(torch.zeros(32, 16))
+    weight = tensors.tensor_to_pb(torch.zeros(32, 16))
     await running.load_constants(pb.LoadConstantsRequest(name="demo", constants={"hidden.weight": weight}))
-    bad = convert.tensor_to_pb(torch.zeros(3, 3))
+    bad = tensors.tensor_to_pb(torch.zeros(3, 3))
     await expect_error(
         running.load_constants(pb.LoadConstantsRequest(name="demo", constants={"hidden.weight": bad})),
         grpc.StatusCode.INVALID_ARGUMENT,

@@ -92,7 +92,7 @@ async def settle() -> None:
 
 async def test_idle_runner_dispatches_a_lone_request_at_once() -> None:
     runner = FakeRunner()
-    scheduler = make(runner, max_queue_delay_s=0.0)
+    scheduler = make(runner, max_queue_delay_us=0)
     result = await scheduler.submit(request(1, rows=2))
     torch.testing.assert_close(result.outputs, expected(request(1, rows=2)))
     assert runner.batches == [[1, 1]]
@@ -169,7 +169,7 @@ async def test_expired_requests_never_run() -> None:
 async def test_timeout_can_only_shorten_the_deadline() -> None:
     runner = FakeRunner(hold=True)
     clock = FakeClock()
-    scheduler = make(runner, clock=clock, default_timeout_s=5.0)
+    scheduler = make(runner, clock=clock, default_timeout_us=5_000_000)
     running = asyncio.ensure_future(scheduler.submit(request(1)))
     await settle()
     # A later deadline does not extend the default timeout.
@@ -264,7 +264,7 @@ async def test_preferred_batch_sizes_cut_batches() -> None:
 
 async def test_queue_delay_holds_a_partial_batch_until_it_fills() -> None:
     runner = FakeRunner()
-    scheduler = make(runner, max_batch_size=3, max_queue_delay_s=60.0)
+    scheduler = make(runner, max_batch_size=3, max_queue_delay_us=60_000_000)
     tasks = [asyncio.ensure_future(scheduler.submit(request(i))) for i in range(3)]
     # Full at three rows: dispatched without waiting out the delay.
     await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
@@ -359,7 +359,7 @@ async def _check_invariants(
         clock=clock,
         max_batch_size=max_batch,
         max_rows_per_request=8,
-        max_queue_delay_s=delay,
+        max_queue_delay_us=round(delay * 1e6),
     )
     inputs = {}
     tasks = {}

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pt2serve.scheduler.manager import ModelConfig
-from pt2serve.service import convert
+from pt2serve.service import tensors
 from pt2serve.service.client import Pt2ServeClient
 from pt2serve.service.config import ServerConfig
 from pt2serve.service.demo import demo_model
@@ -54,7 +54,7 @@ async def test_management_calls_need_the_token(packages: Packages, tmp_path: pat
             wrong = (("authorization", "Bearer nope"),)
             await expect_error(loader.LoadModel(load, metadata=wrong), grpc.StatusCode.UNAUTHENTICATED)
             weights = pb.LoadConstantsRequest(
-                name="demo", constants={"hidden.weight": convert.tensor_to_pb(torch.zeros(32, 16))}
+                name="demo", constants={"hidden.weight": tensors.tensor_to_pb(torch.zeros(32, 16))}
             )
             await expect_error(loader.LoadConstants(iter([weights])), grpc.StatusCode.UNAUTHENTICATED)
             unload = channel.unary_unary(

@@ -11,7 +11,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from pt2serve.service import convert
+from pt2serve.service import tensors
 from pt2serve.service.demo import demo_model
 from pt2serve.service.pb import pt2serve_pb2 as pb
 from tests import models
@@ -22,12 +22,12 @@ def run_request(model: str, request_id: str = "", **inputs: torch.Tensor) -> pb.
     return pb.RunRequest(
         model=model,
         request_id=request_id,
-        inputs={name: convert.tensor_to_pb(t) for name, t in inputs.items()},
+        inputs={name: tensors.tensor_to_pb(t) for name, t in inputs.items()},
     )
 
 
 def outputs_of(response: pb.RunResponse) -> dict[str, torch.Tensor]:
-    return convert.tensors_from_pb(response.outputs, "outputs")
+    return tensors.tensors_from_pb(response.outputs, "outputs")
 
 
 async def expect_error(call: object, code: grpc.StatusCode, *fragments: str) -> str:
@@ -153,7 +153,7 @@ BAD_INPUTS = [
         "unknown output",
         pb.RunRequest(
             model="demo",
-            inputs={"x": convert.tensor_to_pb(torch.randn(1, 16))},
+            inputs={"x": tensors.tensor_to_pb(torch.randn(1, 16))},
             output_names=["nope"],
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -161,7 +161,7 @@ BAD_INPUTS = [
     ),
     (
         "priority",
-        pb.RunRequest(model="demo", inputs={"x": convert.tensor_to_pb(torch.randn(1, 16))}, priority=7),
+        pb.RunRequest(model="demo", inputs={"x": tensors.tensor_to_pb(torch.randn(1, 16))}, priority=7),
         grpc.StatusCode.INVALID_ARGUMENT,
         ["priority 7 out of range"],
     ),
@@ -169,13 +169,13 @@ BAD_INPUTS = [
 
 
 def _byte_length_request() -> pb.RunRequest:
-    tensor = convert.tensor_to_pb(torch.randn(2, 16))
+    tensor = tensors.tensor_to_pb(torch.randn(2, 16))
     tensor.data = tensor.data[:-4]
     return pb.RunRequest(model="demo", inputs={"x": tensor})
 
 
 def _unset_dtype_request() -> pb.RunRequest:
-    tensor = convert.tensor_to_pb(torch.randn(2, 16))
+    tensor = tensors.tensor_to_pb(torch.randn(2, 16))
     tensor.dtype = pb.DTYPE_UNSPECIFIED
     return pb.RunRequest(model="demo", inputs={"x": tensor})
 
@@ -287,7 +287,7 @@ async def test_load_constants_and_update_constant_buffer(running: Running) -> No
     # Staged in the inactive buffer: not served, version unchanged.
     staged = await running.load_constants(
         pb.LoadConstantsRequest(
-            name="demo", constants={k: convert.tensor_to_pb(v) for k, v in new.items()}, use_inactive=True
+            name="demo", constants={k: tensors.tensor_to_pb(v) for k, v in new.items()}, use_inactive=True
         )
     )
     assert staged.constants_version == 0 and staged.updated == len(new) >= 2
@@ -298,7 +298,7 @@ async def test_load_constants_and_update_constant_buffer(running: Running) -> No
     served = await running.load_constants(
         pb.LoadConstantsRequest(
             name="demo",
-            constants={k: convert.tensor_to_pb(v) for k, v in new.items()},
+            constants={k: tensors.tensor_to_pb(v) for k, v in new.items()},
             check_full_update=True,
         )
     )
@@ -314,7 +314,7 @@ async def test_load_constants_and_update_constant_buffer(running: Running) -> No
     updated = await running.loader.UpdateConstantBuffer(
         pb.UpdateConstantBufferRequest(
             name="demo",
-            constants={internal["out.weight"]: convert.tensor_to_pb(torch.zeros(4, 32))},
+            constants={internal["out.weight"]: tensors.tensor_to_pb(torch.zeros(4, 32))},
             user_managed=True,
         )
     )
@@ -333,7 +333,7 @@ async def test_bad_constant_updates_change_nothing(running: Running) -> None:
     ]
     for constants, fragment in cases:
         request = pb.LoadConstantsRequest(
-            name="demo", constants={k: convert.tensor_to_pb(v) for k, v in constants.items()}
+            name="demo", constants={k: tensors.tensor_to_pb(v) for k, v in constants.items()}
         )
         await expect_error(running.load_constants(request), grpc.StatusCode.INVALID_ARGUMENT, fragment)
     after = await running.inference.Run(run_request("demo", x=x))
@@ -472,7 +472,7 @@ async def test_stage_then_swap_constants(running: Running) -> None:
     staged = await running.load_constants(
         pb.LoadConstantsRequest(
             name="demo",
-            constants={c.fqn: convert.tensor_to_pb(eager.get_parameter(c.fqn).detach()) for c in listed},
+            constants={c.fqn: tensors.tensor_to_pb(eager.get_parameter(c.fqn).detach()) for c in listed},
             use_inactive=True,
         )
     )
@@ -533,7 +533,7 @@ async def test_a_model_bound_twice_spreads_batches_and_updates_both(
     assert sum(slot.batches for slot in slots) == model.scheduler.stats.batches
     weight = torch.zeros(32, 16)
     await running.load_constants(
-        pb.LoadConstantsRequest(name="pair", constants={"hidden.weight": convert.tensor_to_pb(weight)})
+        pb.LoadConstantsRequest(name="pair", constants={"hidden.weight": tensors.tensor_to_pb(weight)})
     )
     with torch.no_grad():
         eager.hidden.weight.zero_()

@@ -1,0 +1,57 @@
+"""The one table of element types: every name pt2serve and its protocols give a dtype.
+
+Each protocol adapter derives its own lookups from `TYPES`; no other table of dtypes
+exists. Names are torch's (`float32`), the schema's and the CLI's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pt2serve.loader.errors import InvalidInput
+
+
+@dataclass(frozen=True, slots=True)
+class ElementType:
+    name: str
+    torch: torch.dtype
+    # numpy's type for the raw little-endian bytes (numpy has no bfloat16: int16 bits).
+    numpy: type[np.generic]
+    # pt2serve.v1.DType's value name, KServe v2's datatype, and the KServe typed
+    # contents field that carries it (None: raw contents only).
+    wire: str
+    kserve: str
+    kserve_contents: str | None
+
+    @property
+    def itemsize(self) -> int:
+        return int(np.dtype(self.numpy).itemsize)
+
+
+TYPES: tuple[ElementType, ...] = (
+    ElementType("float32", torch.float32, np.float32, "FLOAT32", "FP32", "fp32_contents"),
+    ElementType("float16", torch.float16, np.float16, "FLOAT16", "FP16", None),
+    ElementType("bfloat16", torch.bfloat16, np.int16, "BFLOAT16", "BF16", None),
+    ElementType("float64", torch.float64, np.float64, "FLOAT64", "FP64", "fp64_contents"),
+    ElementType("int8", torch.int8, np.int8, "INT8", "INT8", "int_contents"),
+    ElementType("int16", torch.int16, np.int16, "INT16", "INT16", "int_contents"),
+    ElementType("int32", torch.int32, np.int32, "INT32", "INT32", "int_contents"),
+    ElementType("int64", torch.int64, np.int64, "INT64", "INT64", "int64_contents"),
+    ElementType("uint8", torch.uint8, np.uint8, "UINT8", "UINT8", "uint_contents"),
+    ElementType("bool", torch.bool, np.bool_, "BOOL", "BOOL", "bool_contents"),
+)
+BY_NAME: dict[str, ElementType] = {t.name: t for t in TYPES}
+BY_TORCH: dict[torch.dtype, ElementType] = {t.torch: t for t in TYPES}
+# Name -> torch dtype, the most common lookup.
+DTYPES: dict[str, torch.dtype] = {t.name: t.torch for t in TYPES}
+
+
+def name_of(dtype: torch.dtype) -> str:
+    """The name of a supported torch dtype; InvalidInput for any other."""
+    found = BY_TORCH.get(dtype)
+    if found is None:
+        raise InvalidInput(f"dtype {dtype} is not supported")
+    return found.name

@@ -1,0 +1,160 @@
+"""`DataPlane`: inference for every protocol. A protocol adapter hands it a model
+name and a decoder of its request; the data plane validates, queues, names the
+outputs and counts every request exactly once, however it ends (answered, refused
+before queueing, failed, cancelled)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from pt2serve.loader.errors import ErrorKind, ExecutionFailed, InvalidInput, Pt2ServeError, shown
+from pt2serve.scheduler.batches import RunResult
+from pt2serve.scheduler.registry import ModelRegistry
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceOptions:
+    # 0 is the highest priority.
+    priority: int = 0
+    # Seconds from now; can only shorten `deadline`.
+    timeout_s: float | None = None
+    # Absolute, on time.monotonic (the caller's gRPC deadline).
+    deadline: float | None = None
+    # The outputs to return (empty: all).
+    output_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceResult:
+    outputs: dict[str, torch.Tensor]
+    constants_version: int
+
+
+# Turns a protocol's request into inputs by name and options; raises Pt2ServeError
+# for a request that cannot be decoded (counted as refused).
+Decode = Callable[[], tuple[Mapping[str, torch.Tensor], InferenceOptions]]
+# Hears how a submitted request ended, unless its caller cancelled it.
+OnDone = Callable[[InferenceResult | BaseException], None]
+
+
+class Ticket:
+    """A queued request. `cancel()` withdraws it unless it is already running."""
+
+    __slots__ = ("future", "_model", "_names", "_wanted")
+
+    def __init__(self, model: str, names: tuple[str, ...], wanted: tuple[str, ...]) -> None:
+        self._model = model
+        self._names = names
+        self._wanted = frozenset(wanted)
+        self.future: asyncio.Future[RunResult]
+
+    def cancel(self) -> None:
+        self.future.cancel()
+
+    def outcome(self) -> InferenceResult | BaseException:
+        """The named outputs, or the request's error. Call once `future` is done."""
+        error = self.future.exception()
+        if error is not None:
+            return error
+        result = self.future.result()
+        if len(result.outputs) != len(self._names):
+            return ExecutionFailed(
+                f"model {self._model!r} returned {len(result.outputs)} outputs, "
+                f"its schema names {len(self._names)}"
+            )
+        pairs = zip(self._names, result.outputs, strict=True)
+        outputs = {n: t for n, t in pairs if not self._wanted or n in self._wanted}
+        return InferenceResult(outputs, result.constants_version)
+
+
+class DataPlane:
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+        # Requests queued, and of those: answered (any outcome) and answered OK.
+        self.accepted = 0
+        self.answered = 0
+        self.succeeded = 0
+
+    async def infer(self, model: str, decode: Decode) -> InferenceResult:
+        """Run one request; raises its error (a Pt2ServeError for every expected one)."""
+        ticket = self.submit(model, decode)
+        try:
+            await ticket.future  # cancelling the caller withdraws the request
+        except Exception:
+            pass  # the outcome carries it
+        outcome = ticket.outcome()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def submit(self, model: str, decode: Decode, on_done: OnDone | None = None) -> Ticket:
+        """Decode, validate and queue a request without waiting for it (streams).
+
+        Raises at once for a request that cannot be accepted. `on_done` runs on the
+        loop once the request has ended, after it is counted, unless it was cancelled:
+        one callback per request, not a second one on the future.
+        """
+        started = time.monotonic()
+        try:
+            inputs, options = decode()
+            loaded = self._registry.get(model)
+            schema = loaded.schema
+            unknown = [n for n in options.output_names if n not in schema.output_names]
+            if unknown:
+                raise InvalidInput(
+                    f"unknown output {shown(unknown[0])}; model {shown(model)} has outputs: "
+                    f"{', '.join(schema.output_names)}"
+                )
+            ordered = schema.validate(inputs, row_limit=loaded.batching.row_limit)
+            ticket = Ticket(model, schema.output_names, options.output_names)
+
+            def done(future: asyncio.Future[RunResult]) -> None:
+                try:
+                    self._count(model, started, future)
+                finally:
+                    if on_done is not None and not future.cancelled():
+                        on_done(ticket.outcome())
+
+            ticket.future = loaded.scheduler.enqueue(
+                ordered,
+                priority=options.priority,
+                timeout_s=options.timeout_s,
+                deadline=options.deadline,
+                on_done=done,
+            )
+        except Pt2ServeError as exc:
+            telemetry = self._registry.telemetry
+            telemetry.request_finished(self._registry.metric_label(model), exc.kind, 0.0)
+            raise
+        self.accepted += 1
+        return ticket
+
+    def _count(self, name: str, started: float, future: asyncio.Future[RunResult]) -> None:
+        elapsed = time.monotonic() - started
+        telemetry = self._registry.telemetry
+        self.answered += 1
+        if future.cancelled():
+            telemetry.request_cancelled(name, elapsed)
+            return
+        error = future.exception()
+        if error is None:
+            self.succeeded += 1
+        model = self._registry.find(name)
+        if model is not None:
+            if error is None:
+                model.requests.succeeded += 1
+                model.requests.succeeded_seconds += elapsed
+            else:
+                model.requests.failed += 1
+                model.requests.failed_seconds += elapsed
+        kind = (
+            None
+            if error is None
+            else (error.kind if isinstance(error, Pt2ServeError) else ErrorKind.INTERNAL)
+        )
+        telemetry.request_finished(name, kind, elapsed)

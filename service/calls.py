@@ -1,0 +1,196 @@
+"""Everything every call needs, applied once per method when it is registered (not
+per call, as grpc.aio interceptors would): the standard gRPC server metrics, the
+management token, domain errors as status codes, request messages that do not parse
+answered INVALID_ARGUMENT, and the count of unary calls in handlers for draining.
+
+`Registrar` stands in for the server while the generated `add_*_to_server`
+functions register their services, and wraps each method's handler with `wrap`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from pt2serve.loader.errors import InvalidInput, Pt2ServeError
+from pt2serve.service.errors import CallsInFlight, message_of, status_of
+from pt2serve.service.metrics import GrpcMetrics
+from pt2serve.service.security import MANAGEMENT_METHODS
+
+Context = grpc.aio.ServicerContext[Any, Any]
+KINDS = (
+    ("unary_unary", "unary"),
+    ("unary_stream", "server_stream"),
+    ("stream_unary", "client_stream"),
+    ("stream_stream", "bidi_stream"),
+)
+
+
+class CallPolicy:
+    """What `wrap` applies: metrics, the management token (None: management is open)
+    and the drain accounting."""
+
+    def __init__(self, metrics: GrpcMetrics, token: str | None, calls: CallsInFlight) -> None:
+        self.metrics = metrics
+        self.expected = f"Bearer {token}".encode() if token else None
+        self.calls = calls
+
+    def authorized(self, method: str, context: Context) -> bool:
+        if self.expected is None or method not in MANAGEMENT_METHODS:
+            return True
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else bytes(value)
+                return hmac.compare_digest(given, self.expected)
+        return False
+
+
+class Registrar:
+    """Passed to generated `add_*_to_server(servicer, registrar)` in place of the
+    server: every method handler reaches the server wrapped."""
+
+    def __init__(self, server: grpc.aio.Server, policy: CallPolicy) -> None:
+        self._server: Any = server  # grpc-stubs lacks add_registered_method_handlers
+        self._policy = policy
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[Any]) -> None:
+        # Generated code (grpcio >= 1.62) passes the same handlers again to
+        # add_registered_method_handlers, which registers both ways.
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        wrapped = {name: wrap(f"/{service}/{name}", h, self._policy) for name, h in handlers.items()}
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
+        self._server.add_registered_method_handlers(service, wrapped)
+
+
+def wrap(method: str, handler: Any, policy: CallPolicy) -> Any:
+    attr, kind = next((a, k) for a, k in KINDS if getattr(handler, a) is not None)
+    inner = getattr(handler, attr)
+    service, _, name = method.lstrip("/").partition("/")
+    metrics = policy.metrics.for_method(kind, service, name)
+    streaming_request = attr.startswith("stream_")
+    calls = policy.calls
+
+    def refusal(request: Any, context: Context) -> Pt2ServeError | None:
+        if not policy.authorized(method, context):
+            return _Unauthenticated(
+                f"{method} needs the management token (metadata 'authorization: Bearer <token>')"
+            )
+        if isinstance(request, _Undecodable):
+            return request.refusal()
+        return None
+
+    def incoming(request: Any) -> Any:
+        if not streaming_request:
+            metrics.received.inc()
+            return request
+        return _checked(request, metrics.received)
+
+    async def unary(request: Any, context: Context) -> Any:
+        started = time.perf_counter()
+        metrics.started.inc()
+        calls.enter()
+        try:
+            if (refused := refusal(request, context)) is not None:
+                raise refused
+            response = await inner(incoming(request), context)
+        except Pt2ServeError as exc:
+            metrics.finish(started, _status(exc))
+            await _abort(context, exc)
+        except BaseException as exc:
+            metrics.finish(started, _code_of(exc, context))
+            raise
+        else:
+            metrics.sent.inc()
+            metrics.finish(started, context.code() or grpc.StatusCode.OK)
+            return response
+        finally:
+            calls.leave()
+
+    async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+        # Response streams are not counted in `calls`: they may stay open as long as
+        # their client likes; their requests are drained by the scheduler.
+        started = time.perf_counter()
+        metrics.started.inc()
+        try:
+            if (refused := refusal(request, context)) is not None:
+                raise refused
+            async for item in inner(incoming(request), context):
+                if context.done():
+                    # The client cancelled or went away: writing now fails inside
+                    # grpc. Closing the handler withdraws its queued work.
+                    break
+                metrics.sent.inc()
+                yield item
+        except Pt2ServeError as exc:
+            metrics.finish(started, _status(exc))
+            await _abort(context, exc)
+        except BaseException as exc:
+            metrics.finish(started, _code_of(exc, context))
+            raise
+        else:
+            metrics.finish(started, context.code() or grpc.StatusCode.OK)
+
+    replaced: dict[str, Any] = {attr: stream if attr.endswith("_stream") else unary}
+    if handler.request_deserializer is not None:
+        replaced["request_deserializer"] = _tolerant(handler.request_deserializer)
+    return handler._replace(**replaced)
+
+
+class _Unauthenticated(Pt2ServeError):
+    """Refused before the handler ran; maps to UNAUTHENTICATED (service layer only)."""
+
+
+class _Undecodable:
+    """Stands in for a request message that failed to parse, so the call can end with
+    INVALID_ARGUMENT instead of the framework's UNKNOWN."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def refusal(self) -> InvalidInput:
+        return InvalidInput(
+            f"the request is not a valid protobuf message of this method's type: {self.error}"
+        )
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return _Undecodable(exc)
+
+    return parse
+
+
+async def _checked(requests: AsyncIterator[Any], received: Any) -> AsyncIterator[Any]:
+    async for request in requests:
+        received.inc()
+        if isinstance(request, _Undecodable):
+            raise request.refusal()
+        yield request
+
+
+async def _abort(context: Context, error: Pt2ServeError) -> None:
+    if not context.done():  # nobody is left to tell once the call has ended
+        await context.abort(_status(error), message_of(error))
+
+
+def _status(error: Pt2ServeError) -> grpc.StatusCode:
+    return grpc.StatusCode.UNAUTHENTICATED if isinstance(error, _Unauthenticated) else status_of(error)
+
+
+def _code_of(exc: BaseException, context: Context) -> grpc.StatusCode:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
