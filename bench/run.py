@@ -128,7 +128,7 @@ num_runners = {runners}
 [models.batching]
 max_batch_size = {max_batch}
 max_queue_size = 4096
-max_queue_delay_ms = {queue_delay_ms if max_batch > 1 else 0}
+max_queue_delay_us = {round(queue_delay_ms * 1000) if max_batch > 1 else 0}
 """
     )
     return [sys.executable, "-m", "pt2serve.service.cli", "serve", "--config", str(config)]

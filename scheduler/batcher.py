@@ -112,6 +112,10 @@ class ModelScheduler:
         return self._queue.size
 
     @property
+    def slots(self) -> tuple[RunnerSlot, ...]:
+        return tuple(self._slots)
+
+    @property
     def batches_in_flight(self) -> int:
         return self._in_flight
 

@@ -51,45 +51,21 @@ class ConstantOps:
             label,
         )
 
-    async def load_constants(
-        self,
-        name: str,
-        constants: Mapping[str, torch.Tensor],
-        *,
-        use_inactive: bool,
-        check_full_update: bool,
-        user_managed: bool = False,
-        label: str = "",
-    ) -> ConstantUpdateResult:
-        """`load_constants` by FQN on every binding."""
-        upload = self.begin_upload(
-            name,
-            by_fqn=True,
-            use_inactive=use_inactive,
-            full=check_full_update,
-            user_managed=user_managed,
-            label=label,
-        )
-        return await upload.run(constants)
-
-    async def update_constant_buffer(
+    async def apply(
         self,
         name: str,
         tensors: Mapping[str, torch.Tensor],
         *,
+        by_fqn: bool,
         use_inactive: bool,
-        validate_full_updates: bool,
+        full: bool,
         user_managed: bool = False,
         label: str = "",
     ) -> ConstantUpdateResult:
-        """`update_constant_buffer` by internal name on every binding."""
+        """`load_constants` (keys are FQNs) or `update_constant_buffer` (keys are
+        internal names) on every binding."""
         upload = self.begin_upload(
-            name,
-            by_fqn=False,
-            use_inactive=use_inactive,
-            full=validate_full_updates,
-            user_managed=user_managed,
-            label=label,
+            name, by_fqn=by_fqn, use_inactive=use_inactive, full=full, user_managed=user_managed, label=label
         )
         return await upload.run(tensors)
 

@@ -19,7 +19,7 @@ import grpc
 
 from pt2serve.loader.errors import InvalidInput, Pt2ServeError
 from pt2serve.service.errors import CallsInFlight, message_of, status_of
-from pt2serve.service.metrics import GrpcMetrics
+from pt2serve.service.metrics import GrpcMetrics, MethodMetrics
 from pt2serve.service.security import MANAGEMENT_METHODS
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -100,12 +100,9 @@ def wrap(method: str, handler: Any, policy: CallPolicy) -> Any:
             if (refused := refusal(request, context)) is not None:
                 raise refused
             response = await inner(incoming(request), context)
-        except Pt2ServeError as exc:
-            metrics.finish(started, _status(exc))
-            await _abort(context, exc)
         except BaseException as exc:
-            metrics.finish(started, _code_of(exc, context))
-            raise
+            if not await _answer_error(exc, context, metrics, started):
+                raise
         else:
             metrics.sent.inc()
             metrics.finish(started, context.code() or grpc.StatusCode.OK)
@@ -128,12 +125,9 @@ def wrap(method: str, handler: Any, policy: CallPolicy) -> Any:
                     break
                 metrics.sent.inc()
                 yield item
-        except Pt2ServeError as exc:
-            metrics.finish(started, _status(exc))
-            await _abort(context, exc)
         except BaseException as exc:
-            metrics.finish(started, _code_of(exc, context))
-            raise
+            if not await _answer_error(exc, context, metrics, started):
+                raise
         else:
             metrics.finish(started, context.code() or grpc.StatusCode.OK)
 
@@ -178,9 +172,17 @@ async def _checked(requests: AsyncIterator[Any], received: Any) -> AsyncIterator
         yield request
 
 
-async def _abort(context: Context, error: Pt2ServeError) -> None:
+async def _answer_error(exc: BaseException, context: Context, metrics: MethodMetrics, started: float) -> bool:
+    """Count how the call ended. A domain error is answered with its status (raising
+    grpc's AbortError) unless the call is over already; returns False for any other
+    error, which the caller re-raises."""
+    if not isinstance(exc, Pt2ServeError):
+        metrics.finish(started, _code_of(exc, context))
+        return False
+    metrics.finish(started, _status(exc))
     if not context.done():  # nobody is left to tell once the call has ended
-        await context.abort(_status(error), message_of(error))
+        await context.abort(_status(exc), message_of(exc))
+    return True
 
 
 def _status(error: Pt2ServeError) -> grpc.StatusCode:

@@ -174,11 +174,12 @@ class ModelLoaderServicer(pb_grpc.ModelLoaderServicer):
         self, request: pb.UpdateConstantBufferRequest, context: Context
     ) -> pb.ConstantUpdateResponse:
         received = tensors.tensors_from_pb(request.constants, "constants", self._max_tensor_bytes)
-        result = await self._manager.constants.update_constant_buffer(
+        result = await self._manager.constants.apply(
             request.name,
             received,
+            by_fqn=False,
             use_inactive=request.use_inactive,
-            validate_full_updates=request.validate_full_updates,
+            full=request.validate_full_updates,
             user_managed=request.user_managed,
             label=request.label,
         )

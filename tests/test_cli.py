@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import re
@@ -11,13 +12,18 @@ import subprocess
 import sys
 import time
 
+import grpc
 import numpy as np
 import pytest
 import torch
 
 from pt2serve.loader.errors import InvalidInput
+from pt2serve.service import tensors
 from pt2serve.service.config import load_config
 from pt2serve.service.demo import demo_model
+from pt2serve.service.pb import pt2serve_pb2 as pb
+from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
+from pt2serve.service.server import Pt2Server
 from tests import models
 from tests.conftest import CACHE, Packages
 
@@ -113,7 +119,9 @@ def test_inspect_reads_a_package_without_loading(packages: Packages) -> None:
     assert missing.returncode == 2 and "no package file" in missing.stderr
 
 
-def test_built_unbatched_package_serves_via_config(packages: Packages, tmp_path: pathlib.Path) -> None:
+async def test_built_unbatched_package_serves_via_config(packages: Packages, tmp_path: pathlib.Path) -> None:
+    """A config file (with the older _ms batching keys) serves the unbatched package:
+    its answers equal the eager module."""
     config = tmp_path / "pt2serve.toml"
     config.write_text(
         f"""
@@ -137,8 +145,23 @@ default_timeout_ms = 250
     assert model.package_path == str(packages.unbatched) and model.num_runners == 2
     assert model.batching is not None and model.batching.max_queue_size == 7
     assert model.batching.default_timeout_us == 250_000
-    v = torch.randn(6)
-    assert models.make_unbatched()(v).shape == (6,)
+    server = Pt2Server(dataclasses.replace(loaded, metrics_port=0))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            for _ in range(3):
+                v = torch.randn(6)
+                request = pb.RunRequest(model="vec", inputs={"v": tensors.tensor_to_pb(v)})
+                response = await stub.Run(request)
+                (got,) = tensors.tensors_from_pb(response.outputs, "outputs").values()
+                torch.testing.assert_close(got, models.make_unbatched()(v))
+            status = (await pb_grpc.ModelLoaderStub(channel).ListModels(pb.ListModelsRequest())).models
+            assert [(m.name, m.num_runners, m.batching.default_timeout_us) for m in status] == [
+                ("vec", 2, 250_000)
+            ]
+    finally:
+        await server.stop(0)
 
 
 def test_config_rejects_unknown_keys(tmp_path: pathlib.Path) -> None:

@@ -31,6 +31,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def until(condition: object, what: str, limit_s: float = 30.0) -> None:
+    """Poll `condition` every 10 ms, failing after `limit_s`: for server state that
+    emits no event a client can wait on (queue depth; readiness is checked over the
+    wire, as probes do)."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         if await condition():  # type: ignore[operator]
@@ -113,6 +116,7 @@ def test_sigterm_under_load_loses_nothing(packages: Packages, tmp_path: pathlib.
         )
     try:
         deadline = time.monotonic() + 120
+        # The child logs to a file (a pipe nobody drains could block it): polled.
         while "ready:" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
         match = re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text())
@@ -157,16 +161,27 @@ async def _load_then_sigterm(target: str, proc: subprocess.Popen[bytes]) -> list
                 try:
                     await stub.Run(run_request("demo", x=torch.randn(2, 16)), timeout=20)
                     outcomes.append((grpc.StatusCode.OK, when))
+                    if len(outcomes) >= 50:
+                        warmed.set()
                 except grpc.aio.AioRpcError as exc:
                     outcomes.append((exc.code(), when))
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE and when == "after":
+                        refused.set()
                     if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                        # A client's retry pacing: without it a refused caller
+                        # spins on the loop the other callers share.
                         await asyncio.sleep(0.01)
 
+        warmed = asyncio.Event()
+        refused = asyncio.Event()
         workers = [asyncio.create_task(worker()) for _ in range(CALLERS)]
-        await asyncio.sleep(1.0)
+        await asyncio.wait_for(warmed.wait(), 60)  # load is flowing
         proc.send_signal(signal.SIGTERM)
         sent_sigterm.set()
-        await asyncio.sleep(1.5)
+        # Once refused, callers go elsewhere (as balancing clients do); the server
+        # then closes its listener after the quiet window, and exits.
+        await asyncio.wait_for(refused.wait(), 60)
         stop.set()
         await asyncio.gather(*workers)
+        await asyncio.to_thread(proc.wait, 60)
     return outcomes

@@ -33,6 +33,7 @@ class FakeRunner:
         self.entered: list[list[int]] = []
         self.widths: list[set[int]] = []
         self.lock = threading.Lock()
+        self.entered_changed = threading.Condition(self.lock)
         self.running = 0
         self.max_running = 0
 
@@ -41,6 +42,7 @@ class FakeRunner:
             self.running += 1
             self.max_running = max(self.max_running, self.running)
             self.entered.append([int(i) for i in inputs[0][:, 0].tolist()])
+            self.entered_changed.notify_all()
         try:
             self.gate.wait(timeout=30)
             (x,) = inputs
@@ -53,6 +55,12 @@ class FakeRunner:
         finally:
             with self.lock:
                 self.running -= 1
+
+    def wait_entered(self, batches: int) -> None:
+        """Block until `batches` batches have entered `run`; fail after 30 s."""
+        with self.lock:
+            if not self.entered_changed.wait_for(lambda: len(self.entered) >= batches, timeout=30):
+                raise AssertionError(f"{len(self.entered)} of {batches} batches reached the runner")
 
 
 def request(ident: int, rows: int = 1, width: int = 3) -> list[torch.Tensor]:
@@ -84,10 +92,17 @@ class FakeClock:
         return self.now
 
 
+def enqueue(
+    scheduler: ModelScheduler, inputs: list[torch.Tensor], **options: object
+) -> asyncio.Future[RunResult]:
+    """Queue a request now (dispatch happens inside the call): no task to wait for."""
+    return scheduler.enqueue(inputs, **options)  # type: ignore[arg-type]
+
+
 async def settle() -> None:
-    """Let every ready task run until the loop is quiet."""
-    for _ in range(20):
-        await asyncio.sleep(0)
+    """Run the callbacks that cancels and answers have scheduled: the loop runs every
+    ready callback in one pass, and futures (not tasks) add no further steps."""
+    await asyncio.sleep(0)
 
 
 async def test_idle_runner_dispatches_a_lone_request_at_once() -> None:
@@ -102,9 +117,9 @@ async def test_idle_runner_dispatches_a_lone_request_at_once() -> None:
 async def test_queue_accumulates_while_the_runner_is_busy() -> None:
     runner = FakeRunner(hold=True)
     scheduler = make(runner)
-    first = asyncio.ensure_future(scheduler.submit(request(1)))
+    first = enqueue(scheduler, request(1))
     await settle()
-    rest = [asyncio.ensure_future(scheduler.submit(request(i))) for i in range(2, 7)]
+    rest = [enqueue(scheduler, request(i)) for i in range(2, 7)]
     await settle()
     assert scheduler.queue_depth == 5 and scheduler.batches_in_flight == 1
     runner.gate.set()
@@ -116,12 +131,9 @@ async def test_queue_accumulates_while_the_runner_is_busy() -> None:
 async def test_batches_respect_max_size_and_buckets() -> None:
     runner = FakeRunner(hold=True)
     scheduler = make(runner, max_batch_size=4)
-    blocker = asyncio.ensure_future(scheduler.submit(request(100)))
+    blocker = enqueue(scheduler, request(100))
     await settle()
-    tasks = [
-        asyncio.ensure_future(scheduler.submit(request(i, rows=1 + i % 2, width=WIDTHS[i % 2])))
-        for i in range(10)
-    ]
+    tasks = [enqueue(scheduler, request(i, rows=1 + i % 2, width=WIDTHS[i % 2])) for i in range(10)]
     await settle()
     runner.gate.set()
     results = await asyncio.gather(blocker, *tasks)
@@ -135,9 +147,9 @@ async def test_batches_respect_max_size_and_buckets() -> None:
 async def test_full_queue_is_refused_at_once() -> None:
     runner = FakeRunner(hold=True)
     scheduler = make(runner, max_queue_size=2)
-    running = asyncio.ensure_future(scheduler.submit(request(1)))
+    running = enqueue(scheduler, request(1))
     await settle()
-    queued = [asyncio.ensure_future(scheduler.submit(request(i))) for i in (2, 3)]
+    queued = [enqueue(scheduler, request(i)) for i in (2, 3)]
     await settle()
     with pytest.raises(Overloaded, match="queue full"):
         await scheduler.submit(request(4))
@@ -151,10 +163,10 @@ async def test_expired_requests_never_run() -> None:
     runner = FakeRunner(hold=True)
     clock = FakeClock()
     scheduler = make(runner, clock=clock)
-    running = asyncio.ensure_future(scheduler.submit(request(1)))
+    running = enqueue(scheduler, request(1))
     await settle()
-    doomed = asyncio.ensure_future(scheduler.submit(request(2), deadline=clock.now + 5))
-    kept = asyncio.ensure_future(scheduler.submit(request(3), deadline=clock.now + 50))
+    doomed = enqueue(scheduler, request(2), deadline=clock.now + 5)
+    kept = enqueue(scheduler, request(3), deadline=clock.now + 50)
     await settle()
     clock.now += 10
     runner.gate.set()
@@ -170,10 +182,10 @@ async def test_timeout_can_only_shorten_the_deadline() -> None:
     runner = FakeRunner(hold=True)
     clock = FakeClock()
     scheduler = make(runner, clock=clock, default_timeout_us=5_000_000)
-    running = asyncio.ensure_future(scheduler.submit(request(1)))
+    running = enqueue(scheduler, request(1))
     await settle()
     # A later deadline does not extend the default timeout.
-    late = asyncio.ensure_future(scheduler.submit(request(2), deadline=clock.now + 100))
+    late = enqueue(scheduler, request(2), deadline=clock.now + 100)
     await settle()
     clock.now += 6
     runner.gate.set()
@@ -188,10 +200,10 @@ async def test_timeout_can_only_shorten_the_deadline() -> None:
 async def test_cancelled_requests_never_run_and_leave_no_work() -> None:
     runner = FakeRunner(hold=True)
     scheduler = make(runner)
-    running = asyncio.ensure_future(scheduler.submit(request(1)))
+    running = enqueue(scheduler, request(1))
     await settle()
-    victims = [asyncio.ensure_future(scheduler.submit(request(i))) for i in (2, 3)]
-    survivor = asyncio.ensure_future(scheduler.submit(request(4)))
+    victims = [enqueue(scheduler, request(i)) for i in (2, 3)]
+    survivor = enqueue(scheduler, request(4))
     await settle()
     for task in victims:
         task.cancel()
@@ -206,10 +218,10 @@ async def test_cancelled_requests_never_run_and_leave_no_work() -> None:
 async def test_a_failing_batch_is_retried_member_by_member() -> None:
     runner = FakeRunner(hold=True)
     scheduler = make(runner)
-    first = asyncio.ensure_future(scheduler.submit(request(1)))
+    first = enqueue(scheduler, request(1))
     await settle()
-    good = [asyncio.ensure_future(scheduler.submit(request(i))) for i in (2, 3)]
-    bad = asyncio.ensure_future(scheduler.submit(request(-5)))
+    good = [enqueue(scheduler, request(i)) for i in (2, 3)]
+    bad = enqueue(scheduler, request(-5))
     await settle()
     runner.gate.set()
     await asyncio.gather(first, *good)
@@ -224,10 +236,10 @@ async def test_a_failing_batch_is_retried_member_by_member() -> None:
 async def test_higher_priority_goes_first() -> None:
     runner = FakeRunner(hold=True)
     scheduler = make(runner, max_batch_size=1)
-    running = asyncio.ensure_future(scheduler.submit(request(1)))
+    running = enqueue(scheduler, request(1))
     await settle()
-    low = asyncio.ensure_future(scheduler.submit(request(2), priority=1))
-    high = asyncio.ensure_future(scheduler.submit(request(3), priority=0))
+    low = enqueue(scheduler, request(2), priority=1)
+    high = enqueue(scheduler, request(3), priority=0)
     await settle()
     runner.gate.set()
     await asyncio.gather(running, low, high)
@@ -252,9 +264,9 @@ async def test_large_requests_are_split_and_reassembled() -> None:
 async def test_preferred_batch_sizes_cut_batches() -> None:
     runner = FakeRunner(hold=True)
     scheduler = make(runner, max_batch_size=8, preferred_batch_sizes=(4,))
-    first = asyncio.ensure_future(scheduler.submit(request(0)))
+    first = enqueue(scheduler, request(0))
     await settle()
-    rest = [asyncio.ensure_future(scheduler.submit(request(i))) for i in range(1, 7)]
+    rest = [enqueue(scheduler, request(i)) for i in range(1, 7)]
     await settle()
     runner.gate.set()
     await asyncio.gather(first, *rest)
@@ -265,7 +277,7 @@ async def test_preferred_batch_sizes_cut_batches() -> None:
 async def test_queue_delay_holds_a_partial_batch_until_it_fills() -> None:
     runner = FakeRunner()
     scheduler = make(runner, max_batch_size=3, max_queue_delay_us=60_000_000)
-    tasks = [asyncio.ensure_future(scheduler.submit(request(i))) for i in range(3)]
+    tasks = [enqueue(scheduler, request(i)) for i in range(3)]
     # Full at three rows: dispatched without waiting out the delay.
     await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
     assert runner.batches == [[0, 1, 2]]
@@ -275,7 +287,7 @@ async def test_queue_delay_holds_a_partial_batch_until_it_fills() -> None:
 async def test_two_runner_slots_run_two_batches_at_once() -> None:
     runner = FakeRunner(hold=True)
     scheduler = make(runner, capacity=2, max_batch_size=1)
-    tasks = [asyncio.ensure_future(scheduler.submit(request(i))) for i in range(4)]
+    tasks = [enqueue(scheduler, request(i)) for i in range(4)]
     await settle()
     assert scheduler.batches_in_flight == 2 and scheduler.queue_depth == 2
     runner.gate.set()
@@ -287,7 +299,7 @@ async def test_two_runner_slots_run_two_batches_at_once() -> None:
 async def test_exclusive_waits_for_running_batches_and_blocks_new_ones() -> None:
     runner = FakeRunner(hold=True)
     scheduler = make(runner)
-    running = asyncio.ensure_future(scheduler.submit(request(1)))
+    running = enqueue(scheduler, request(1))
     await settle()
     seen: list[int] = []
 
@@ -297,7 +309,7 @@ async def test_exclusive_waits_for_running_batches_and_blocks_new_ones() -> None
 
     update_task = asyncio.ensure_future(scheduler.exclusive(update, bump_version=True))
     await settle()
-    queued = asyncio.ensure_future(scheduler.submit(request(2)))
+    queued = enqueue(scheduler, request(2))
     await settle()
     assert not update_task.done() and scheduler.queue_depth == 1
     runner.gate.set()
@@ -311,9 +323,9 @@ async def test_exclusive_waits_for_running_batches_and_blocks_new_ones() -> None
 async def test_close_drains_then_refuses() -> None:
     runner = FakeRunner(hold=True)
     scheduler = make(runner)
-    running = asyncio.ensure_future(scheduler.submit(request(1)))
+    running = enqueue(scheduler, request(1))
     await settle()
-    queued = asyncio.ensure_future(scheduler.submit(request(2)))
+    queued = enqueue(scheduler, request(2))
     await settle()
     closing = asyncio.ensure_future(scheduler.close(grace_s=0.0))
     await settle()
@@ -367,16 +379,9 @@ async def _check_invariants(
         key = -ident if fate == "poison" else ident
         inputs[key] = request(key, rows=rows, width=width)
         deadline = clock.now + (1 if fate == "expire" else 1e6)
-        tasks[key] = asyncio.ensure_future(
-            scheduler.submit(inputs[key], priority=priority, deadline=deadline)
-        )
-    await settle()
-    # Wait until every dispatched batch has reached the runner, so `started` is exact.
-    for _ in range(1000):
-        with runner.lock:
-            if len(runner.entered) == scheduler.batches_in_flight:
-                break
-        await asyncio.sleep(0.001)
+        tasks[key] = enqueue(scheduler, inputs[key], priority=priority, deadline=deadline)
+    # Every dispatched batch must reach the runner, so that `started` is exact.
+    await asyncio.to_thread(runner.wait_entered, scheduler.batches_in_flight)
     with runner.lock:
         started = {i for batch in runner.entered for i in batch}
     fates = {(-i if p[3] == "poison" else i): p[3] for i, p in enumerate(plans, start=1)}
@@ -411,7 +416,7 @@ async def test_a_flooded_model_does_not_hold_up_another() -> None:
     runner stuck and its queue full, another model's requests are still answered."""
     stuck = FakeRunner(hold=True)
     flooded = make(stuck, max_queue_size=32)
-    backlog = [asyncio.ensure_future(flooded.submit(request(i))) for i in range(33)]
+    backlog = [enqueue(flooded, request(i)) for i in range(33)]
     await settle()
     assert flooded.batches_in_flight == 1 and flooded.queue_depth == 32
     with pytest.raises(Overloaded):

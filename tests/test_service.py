@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 
 import grpc
@@ -219,12 +220,22 @@ async def test_bad_input_gets_a_precise_status_and_the_server_keeps_serving(
 
 
 async def test_expired_deadline_is_never_executed(running: Running) -> None:
-    request = run_request("demo", x=torch.randn(1, 16))
-    request.timeout_us = 1
-    await asyncio.sleep(0)
-    # A 1 µs timeout has passed before the request reaches the queue.
-    await expect_error(running.inference.Run(request), grpc.StatusCode.DEADLINE_EXCEEDED)
-    assert running.server.manager.get("demo").scheduler.stats.requests == 0
+    """Dispatch is held (as during a constant swap), so the request can only wait in
+    the queue; its 50 ms timeout passes there, it is answered DEADLINE_EXCEEDED, and
+    it never runs, not even once the runners are free again."""
+    scheduler = running.server.manager.get("demo").scheduler
+    gate = threading.Event()
+    hold = asyncio.ensure_future(scheduler.exclusive(lambda: gate.wait(30), bump_version=False))
+    try:
+        request = run_request("demo", x=torch.randn(1, 16))
+        request.timeout_us = 50_000
+        await expect_error(running.inference.Run(request), grpc.StatusCode.DEADLINE_EXCEEDED, "while queued")
+        assert scheduler.queue_depth == 0
+    finally:
+        gate.set()
+        await hold
+    assert (await running.inference.Run(run_request("demo", x=torch.randn(1, 16)))).outputs
+    assert scheduler.stats.requests == 1  # only the second request ran
 
 
 # ------------------------------------------------------------------ loader RPCs
@@ -521,7 +532,7 @@ async def test_a_model_bound_twice_spreads_batches_and_updates_both(
     model = running.server.manager.get("pair")
     assert len(model.bindings) == 2
     eager = demo_model()
-    slots = model.scheduler._slots
+    slots = model.scheduler.slots
     for _ in range(20):  # bursts until both bindings have run batches
         xs = [torch.randn(1 + i % 2, 16) for i in range(40)]
         responses = await asyncio.gather(*(running.inference.Run(run_request("pair", x=x)) for x in xs))
