@@ -6,8 +6,7 @@ without loading the runtime."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from pt2serve.loader.lazy import lazy_exports
 
 _EXPORTS = {
     "DTYPES": "pt2serve.loader.dtypes",
@@ -27,11 +26,4 @@ _EXPORTS = {
     "ModelSchema": "pt2serve.loader.schema",
     "TensorSpec": "pt2serve.loader.schema",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pt2serve.loader' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__all__, __getattr__ = lazy_exports("pt2serve.loader", _EXPORTS)

@@ -5,8 +5,7 @@ client needs neither the scheduler nor the model runtime)."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from pt2serve.loader.lazy import lazy_exports
 
 _EXPORTS = {
     "Pt2Server": "pt2serve.service.server",
@@ -15,11 +14,4 @@ _EXPORTS = {
     "load_config": "pt2serve.service.config",
     "Pt2ServeClient": "pt2serve.service.client",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pt2serve.service' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__all__, __getattr__ = lazy_exports("pt2serve.service", _EXPORTS)

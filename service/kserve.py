@@ -150,6 +150,12 @@ def _dims(spec: TensorSpec, batched: bool) -> list[int]:
     return dims[1:] if batched else dims
 
 
+def _config_tensor(spec: TensorSpec, batched: bool) -> dict[str, Any]:
+    """The fields ModelInput and ModelOutput share."""
+    dtype = CONFIG_TYPES.get(spec.dtype or "", v2.TYPE_INVALID)
+    return {"name": spec.name, "data_type": dtype, "dims": _dims(spec, batched)}
+
+
 def _metadata(spec: TensorSpec, batched: bool) -> v2.ModelMetadataResponse.TensorMetadata:
     shape = _dims(spec, False)
     if batched and shape:
@@ -219,22 +225,8 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
             backend="pt2serve",
             runtime=model.config.runtime,
             max_batch_size=batching.max_batch_size if schema.batched else 0,
-            input=[
-                v2.ModelInput(
-                    name=s.name,
-                    data_type=CONFIG_TYPES.get(s.dtype or "", v2.TYPE_INVALID),
-                    dims=_dims(s, schema.batched),
-                )
-                for s in schema.inputs
-            ],
-            output=[
-                v2.ModelOutput(
-                    name=s.name,
-                    data_type=CONFIG_TYPES.get(s.dtype or "", v2.TYPE_INVALID),
-                    dims=_dims(s, schema.batched),
-                )
-                for s in schema.outputs
-            ],
+            input=[v2.ModelInput(**_config_tensor(s, schema.batched)) for s in schema.inputs],
+            output=[v2.ModelOutput(**_config_tensor(s, schema.batched)) for s in schema.outputs],
         )
         if schema.batched:
             config.dynamic_batching.CopyFrom(

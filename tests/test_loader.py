@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -21,9 +22,26 @@ from pt2serve.service.demo import demo_model
 from tests import models
 from tests.conftest import Packages
 
+Loader = Callable[..., ModelPackage]
 
-def test_run_matches_eager(packages: Packages) -> None:
-    package = ModelPackage.load(str(packages.two_input))
+
+@pytest.fixture
+def load() -> Iterator[Loader]:
+    """Load packages that the test's teardown closes."""
+    opened: list[ModelPackage] = []
+
+    def load_one(path: object, options: LoadOptions | None = None) -> ModelPackage:
+        package = ModelPackage.load(str(path), options or LoadOptions())
+        opened.append(package)
+        return package
+
+    yield load_one
+    for package in opened:
+        package.close()
+
+
+def test_run_matches_eager(load: Loader, packages: Packages) -> None:
+    package = load(packages.two_input)
     for rows in (1, 2, 7, 32):
         example = models.two_input_example(rows)
         expected = models.make_two_input()(**example)
@@ -44,20 +62,20 @@ def test_schema_is_read_without_loading(packages: Packages) -> None:
     assert schema.inputs[0].dims == (Dim(None, 1, 32), Dim(8))
 
 
-def test_derived_schema_matches_stored(packages: Packages) -> None:
+def test_derived_schema_matches_stored(load: Loader, packages: Packages) -> None:
     """The schema read from the wrapper's input checks agrees with what build stored."""
     source = read_package_sources(str(packages.two_input))
     assert source is not None
     derived = derive_from_wrapper(source)
-    stored = ModelPackage.load(str(packages.two_input)).schema
+    stored = load(packages.two_input).schema
     assert derived.batched
     assert [s.dtype for s in derived.inputs] == [s.dtype for s in stored.inputs]
     assert [s.dims for s in derived.inputs] == [s.dims for s in stored.inputs]
     assert len(derived.outputs) == 2
 
 
-def test_foreign_package_gets_a_derived_schema(packages: Packages) -> None:
-    package = ModelPackage.load(str(packages.foreign))
+def test_foreign_package_gets_a_derived_schema(load: Loader, packages: Packages) -> None:
+    package = load(packages.foreign)
     schema = package.schema
     assert schema.source == "derived"
     assert schema.input_names == ("input0", "input1")
@@ -70,16 +88,16 @@ def test_foreign_package_gets_a_derived_schema(packages: Packages) -> None:
         schema.validate({"input0": example["features"], "input1": example["ids"].int()})
 
 
-def test_unbatched_package(packages: Packages) -> None:
-    package = ModelPackage.load(str(packages.unbatched))
+def test_unbatched_package(load: Loader, packages: Packages) -> None:
+    package = load(packages.unbatched)
     assert not package.schema.batched
     v = torch.randn(6)
     (out,) = package.run(package.schema.validate({"v": v}))
     torch.testing.assert_close(out, models.make_unbatched()(v))
 
 
-def test_call_spec_and_metadata(packages: Packages) -> None:
-    package = ModelPackage.load(str(packages.two_input), LoadOptions(num_runners=2))
+def test_call_spec_and_metadata(load: Loader, packages: Packages) -> None:
+    package = load(packages.two_input, LoadOptions(num_runners=2))
     spec = package.get_call_spec()
     assert spec.input_names == ("features", "ids")
     assert '"type": "builtins.tuple"' in spec.in_spec
@@ -88,9 +106,9 @@ def test_call_spec_and_metadata(packages: Packages) -> None:
     assert metadata["owner"] == "tests" and metadata["AOTI_DEVICE_KEY"] == "cpu"
 
 
-def test_constant_specs_match_runtime(packages: Packages) -> None:
+def test_constant_specs_match_runtime(load: Loader, packages: Packages) -> None:
     """The constant table read from the wrapper agrees with the runtime's own."""
-    package = ModelPackage.load(str(packages.two_input))
+    package = load(packages.two_input)
     specs = {s.fqn: s for s in package.constant_specs()}
     assert set(specs) == set(package.get_constant_fqns())
     with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(packages.two_input) as archive:
@@ -106,8 +124,8 @@ def test_constant_specs_match_runtime(packages: Packages) -> None:
     assert {s.internal_name: s.fqn for s in specs.values()} == dict(names)
 
 
-def test_load_constants_changes_outputs_like_eager(packages: Packages) -> None:
-    package = ModelPackage.load(str(packages.two_input))
+def test_load_constants_changes_outputs_like_eager(load: Loader, packages: Packages) -> None:
+    package = load(packages.two_input)
     eager = models.make_two_input()
     with torch.no_grad():
         for fqn in package.get_constant_fqns():
@@ -131,9 +149,9 @@ def test_load_constants_changes_outputs_like_eager(packages: Packages) -> None:
     ],
 )
 def test_bad_constants_are_refused_before_the_runtime(
-    packages: Packages, tensor: torch.Tensor, message: str
+    load: Loader, packages: Packages, tensor: torch.Tensor, message: str
 ) -> None:
-    package = ModelPackage.load(str(packages.demo))
+    package = load(packages.demo)
     x = torch.randn(2, 16)
     before = package.run([x.clone()])[0]
     with pytest.raises(InvalidInput, match=message):
@@ -142,8 +160,8 @@ def test_bad_constants_are_refused_before_the_runtime(
     torch.testing.assert_close(before, demo_model()(x))
 
 
-def test_unknown_constant_and_full_update(packages: Packages) -> None:
-    package = ModelPackage.load(str(packages.demo))
+def test_unknown_constant_and_full_update(load: Loader, packages: Packages) -> None:
+    package = load(packages.demo)
     with pytest.raises(InvalidInput, match=r"unknown constant 'nope'"):
         package.load_constants({"nope": torch.zeros(1)}, use_inactive=False, check_full_update=False)
     weight = demo_model().hidden.weight.detach().clone()
@@ -151,8 +169,8 @@ def test_unknown_constant_and_full_update(packages: Packages) -> None:
         package.load_constants({"hidden.weight": weight}, use_inactive=False, check_full_update=True)
 
 
-def test_update_constant_buffer_by_internal_name(packages: Packages) -> None:
-    package = ModelPackage.load(str(packages.demo))
+def test_update_constant_buffer_by_internal_name(load: Loader, packages: Packages) -> None:
+    package = load(packages.demo)
     spec = next(s for s in package.constant_specs() if s.fqn == "hidden.weight")
     eager = demo_model()
     with torch.no_grad():
@@ -168,8 +186,8 @@ def test_update_constant_buffer_by_internal_name(packages: Packages) -> None:
         )
 
 
-def test_inactive_update_is_not_served(packages: Packages) -> None:
-    package = ModelPackage.load(str(packages.demo))
+def test_inactive_update_is_not_served(load: Loader, packages: Packages) -> None:
+    package = load(packages.demo)
     x = torch.randn(2, 16)
     before = package.run([x.clone()])[0]
     package.load_constants({"hidden.weight": torch.zeros(32, 16)}, use_inactive=True, check_full_update=False)

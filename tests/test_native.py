@@ -96,8 +96,11 @@ def test_staged_constants_are_served_only_after_a_full_swap(packages: Packages) 
 
 def test_binding_has_no_swap(packages: Packages) -> None:
     binding = ModelPackage.load(str(packages.demo), LoadOptions(runtime="binding"))
-    with pytest.raises(Unsupported, match="no swap"):
-        binding.swap_constant_buffer()
+    try:
+        with pytest.raises(Unsupported, match="no swap"):
+            binding.swap_constant_buffer()
+    finally:
+        binding.close()
 
 
 def test_unknown_runtime_is_refused(packages: Packages) -> None:
