@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -118,13 +119,19 @@ def wrap(method: str, handler: Any, policy: CallPolicy) -> Any:
         try:
             if (refused := refusal(request, context)) is not None:
                 raise refused
-            async for item in inner(incoming(request), context):
-                if context.done():
-                    # The client cancelled or went away: writing now fails inside
-                    # grpc. Closing the handler withdraws its queued work.
-                    break
-                metrics.sent.inc()
-                yield item
+            responses = inner(incoming(request), context)
+            if inspect.isawaitable(responses):
+                # A handler that writes with context.write (health's Watch) and
+                # returns nothing.
+                await responses
+            else:
+                async for item in responses:
+                    if context.done():
+                        # The client cancelled or went away: writing now fails inside
+                        # grpc. Closing the handler withdraws its queued work.
+                        break
+                    metrics.sent.inc()
+                    yield item
         except BaseException as exc:
             if not await _answer_error(exc, context, metrics, started):
                 raise

@@ -5,6 +5,7 @@ servicer it only translates; domain errors map to the same status codes.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import functools
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -173,7 +174,9 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
         confine: Callable[[str, str], str],
         is_ready: Callable[[], bool],
         max_tensor_bytes: int | None = None,
+        draining: asyncio.Event | None = None,
     ) -> None:
+        self._draining = draining
         self._max_tensor_bytes = max_tensor_bytes
         self._manager = manager
         self._data = manager.data
@@ -278,7 +281,7 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
             return self._data.submit(request.model_name, decode, on_done)
 
         protocol = StreamProtocol(submit, _stream_answer, _stream_refusal)
-        return serve_stream(request_iterator, protocol, ordered=True)
+        return serve_stream(request_iterator, protocol, ordered=True, stop=self._draining)
 
     # --------------------------------------------------------- repository
     async def RepositoryIndex(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -67,6 +68,8 @@ class Pt2Server:
         self.ready = False
         self._server: grpc.aio.Server | None = None
         self._calls = CallsInFlight()
+        # Set when shutdown begins: inference streams stop reading and end UNAVAILABLE.
+        self.draining = asyncio.Event()
 
     async def start(self) -> int:
         """Listen, then load the configured models; returns the bound gRPC port."""
@@ -93,7 +96,7 @@ class Pt2Server:
             ModelLoaderServicer(self.manager, cfg.confine, cfg.max_tensor_bytes), registrar
         )
         pb_grpc.add_InferenceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(self.manager, cfg.max_tensor_bytes), registrar
+            InferenceServicer(self.manager, cfg.max_tensor_bytes, self.draining), registrar
         )
         kserve = KServeServicer(
             self.manager,
@@ -101,6 +104,7 @@ class Pt2Server:
             cfg.confine,
             lambda: self.ready,
             cfg.max_tensor_bytes,
+            self.draining,
         )
         v2_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, registrar)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, registrar)
@@ -136,12 +140,14 @@ class Pt2Server:
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain, then close: readiness turns NOT_SERVING; queued and running requests
         finish within the grace while new ones are refused with UNAVAILABLE (clients
-        retry those elsewhere); the listener stays open until no call has arrived for
-        DRAIN_QUIET_S (or the grace is over), and only then closes. The listener is
-        closed even if draining fails."""
+        retry those elsewhere); inference streams stop reading, answer what they read
+        and end with UNAVAILABLE (clients send the rest on a new stream); the listener
+        stays open until no call has arrived for DRAIN_QUIET_S (or the grace is over),
+        and only then closes. The listener is closed even if draining fails."""
         grace = self.config.drain_grace_s if grace_s is None else grace_s
         deadline = time.monotonic() + grace
         self.ready = False
+        self.draining.set()
         try:
             await self.health.set_server(False)
             await self.manager.close(grace)

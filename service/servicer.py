@@ -5,6 +5,7 @@ shared stream engine (service/streams.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -200,9 +201,16 @@ class ModelLoaderServicer(pb_grpc.ModelLoaderServicer):
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, manager: ModelManager, max_tensor_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        max_tensor_bytes: int | None = None,
+        draining: asyncio.Event | None = None,
+    ) -> None:
         self._max_tensor_bytes = max_tensor_bytes
         self._data = manager.data
+        # Set when the server drains: open streams stop reading and end UNAVAILABLE.
+        self._draining = draining
 
     def _decode(
         self, request: pb.RunRequest, context: Context
@@ -233,7 +241,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             return self._data.submit(request.model, decode, on_done)
 
         protocol = StreamProtocol(submit, _stream_answer, _stream_refusal)
-        return serve_stream(request_iterator, protocol, ordered=metadata_flag(context, ORDERED_METADATA_KEY))
+        ordered = metadata_flag(context, ORDERED_METADATA_KEY)
+        return serve_stream(request_iterator, protocol, ordered=ordered, stop=self._draining)
 
 
 def _stream_answer(request: pb.RunRequest, result: InferenceResult) -> pb.RunStreamResponse:

@@ -2,9 +2,10 @@
 
 Requests are submitted as they arrive and run concurrently; each answer (or error)
 is sent as soon as it is ready, or in request order when the stream asks for it. A
-failed request is answered on its own and the stream stays open. When the reader
-ends, the stream drains what it accepted; when the call ends early (cancel, client
-gone), every queued request is withdrawn.
+failed request is answered on its own and the stream stays open. When the client's
+half ends, the stream answers what it accepted, then ends OK; when the server drains,
+it stops reading, answers what it accepted, then ends UNAVAILABLE; when the call ends
+early (cancel, client gone), every queued request is withdrawn.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import asyncio
 import collections
 import functools
 import logging
+from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncIterator, Callable
 from typing import Generic, TypeVar
 
-from pt2serve.loader.errors import ExecutionFailed, Pt2ServeError
+from pt2serve.loader.errors import ExecutionFailed, Pt2ServeError, Unavailable
 from pt2serve.scheduler.dataplane import InferenceResult, OnDone, Ticket
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,15 @@ class StreamProtocol(Generic[Request, Response]):
 
 
 async def serve_stream(
-    requests: AsyncIterator[Request], protocol: StreamProtocol[Request, Response], *, ordered: bool
+    requests: AsyncIterator[Request],
+    protocol: StreamProtocol[Request, Response],
+    *,
+    ordered: bool,
+    stop: asyncio.Event | None = None,
 ) -> AsyncIterator[Response]:
+    """Serve one stream. Once `stop` is set (the server drains), no more requests are
+    read; those read are answered, and the call ends with UNAVAILABLE, so the client
+    sends the rest on a new stream, to a replica that is not draining."""
     answers: _Answers[Response] = _Answers(ordered)
     tickets: set[Ticket] = set()
 
@@ -65,34 +74,55 @@ async def serve_stream(
         respond(request, slot, outcome)
 
     async def read() -> None:
+        async for request in requests:
+            slot = answers.reserve()
+            mine: list[Ticket] = []  # filled once submitted; on_done runs later
+            try:
+                ticket = protocol.submit(request, functools.partial(settled, request, slot, mine))
+            except Exception as exc:
+                respond(request, slot, exc)
+                continue
+            mine.append(ticket)
+            tickets.add(ticket)
+
+    async def run() -> bool:
+        """Read until the client's half ends, or the server drains; then wait for what
+        was accepted. Returns whether draining cut the stream short."""
+        reader = asyncio.create_task(read())
+        stopping = asyncio.create_task(stop.wait()) if stop is not None else None
         try:
-            async for request in requests:
-                slot = answers.reserve()
-                mine: list[Ticket] = []  # filled once submitted; on_done runs later
-                try:
-                    ticket = protocol.submit(request, functools.partial(settled, request, slot, mine))
-                except Exception as exc:
-                    respond(request, slot, exc)
-                    continue
-                mine.append(ticket)
-                tickets.add(ticket)
+            await asyncio.wait([t for t in (reader, stopping) if t is not None], return_when=FIRST_COMPLETED)
+            drained = not reader.done()
+            if drained:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+            else:
+                reader.result()  # a request that could not be read ends the call
             if tickets:
                 await asyncio.wait([t.future for t in tickets])
+            return drained
         finally:
+            for task in (reader, stopping):
+                if task is not None:
+                    task.cancel()
             answers.close()
 
-    reader = asyncio.create_task(read())
+    runner = asyncio.create_task(run())
     try:
         while (ready := await answers.take()) is not None:
             for item in ready:
                 yield item
-        await reader
+        if await runner:
+            raise Unavailable(
+                "the server is draining: every request read on this stream was answered; "
+                "send the others again on a new stream (another replica)"
+            )
     finally:
         # The client went away or the call was cancelled: withdraw its queued work.
-        reader.cancel()
+        runner.cancel()
         for ticket in list(tickets):
             ticket.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
+        await asyncio.gather(runner, return_exceptions=True)
 
 
 class _Slot(Generic[Response]):

@@ -7,11 +7,13 @@ and never committed.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
 import pathlib
 import shutil
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -167,3 +169,15 @@ def eager_demo() -> Iterator[torch.nn.Module]:
     from pt2serve.service.demo import demo_model
 
     yield demo_model()
+
+
+async def until(condition: object, what: str, limit_s: float = 30.0) -> None:
+    """Poll `condition` every 10 ms, failing after `limit_s`: for server state that
+    emits no event a client can wait on (queue depth; readiness is checked over the
+    wire, as probes do)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if await condition():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -165,6 +165,20 @@ async def test_kserve_loads_and_unloads_update_health(running: Running) -> None:
     assert ready.ready
 
 
+async def test_health_watch_streams_each_change(running: Running) -> None:
+    """Health.Watch (what balancing clients with healthCheckConfig open) sends the
+    current status, then every change: here, an unload and a load of the model."""
+    kserve = v2_grpc.GRPCInferenceServiceStub(running.channel)
+    watch = health_pb2_grpc.HealthStub(running.channel).Watch(health_pb2.HealthCheckRequest(service="two"))
+    statuses = watch.__aiter__()
+    assert (await statuses.__anext__()).status == health_pb2.HealthCheckResponse.SERVING
+    await kserve.RepositoryModelUnload(v2.RepositoryModelUnloadRequest(model_name="two"))
+    assert (await statuses.__anext__()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    await kserve.RepositoryModelLoad(v2.RepositoryModelLoadRequest(model_name="two"))
+    assert (await statuses.__anext__()).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+
+
 async def test_a_failed_reload_keeps_the_old_model(running: Running) -> None:
     kserve = v2_grpc.GRPCInferenceServiceStub(running.channel)
     broken = CACHE / "broken-for-reload.pt2"

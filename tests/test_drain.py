@@ -23,23 +23,11 @@ from pt2serve.service.config import ServerConfig
 from pt2serve.service.demo import demo_model
 from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
 from pt2serve.service.server import Pt2Server
-from tests.conftest import CACHE, Packages
+from tests.conftest import CACHE, Packages, until
 from tests.test_service import expect_error, outputs_of, run_request
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-async def until(condition: object, what: str, limit_s: float = 30.0) -> None:
-    """Poll `condition` every 10 ms, failing after `limit_s`: for server state that
-    emits no event a client can wait on (queue depth; readiness is checked over the
-    wire, as probes do)."""
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if await condition():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_drain_finishes_queued_work_and_refuses_new_calls(packages: Packages) -> None:

@@ -288,8 +288,9 @@ async def test_two_runner_slots_run_two_batches_at_once() -> None:
     runner = FakeRunner(hold=True)
     scheduler = make(runner, capacity=2, max_batch_size=1)
     tasks = [enqueue(scheduler, request(i)) for i in range(4)]
-    await settle()
     assert scheduler.batches_in_flight == 2 and scheduler.queue_depth == 2
+    await asyncio.to_thread(runner.wait_entered, 2)  # both inside the runner at once
+    assert runner.running == 2
     runner.gate.set()
     await asyncio.gather(*tasks)
     assert runner.max_running == 2
@@ -308,7 +309,7 @@ async def test_exclusive_waits_for_running_batches_and_blocks_new_ones() -> None
         return "done"
 
     update_task = asyncio.ensure_future(scheduler.exclusive(update, bump_version=True))
-    await settle()
+    await settle()  # its first step pauses dispatch and waits for the running batch
     queued = enqueue(scheduler, request(2))
     await settle()
     assert not update_task.done() and scheduler.queue_depth == 1
@@ -328,7 +329,9 @@ async def test_close_drains_then_refuses() -> None:
     queued = enqueue(scheduler, request(2))
     await settle()
     closing = asyncio.ensure_future(scheduler.close(grace_s=0.0))
-    await settle()
+    # Closing refuses what is still queued while the runner is held.
+    await asyncio.wait([queued], timeout=30)
+    assert queued.done() and not closing.done()
     runner.gate.set()
     await closing
     assert isinstance(await running, RunResult)

@@ -16,7 +16,7 @@ from pt2serve.service import tensors
 from pt2serve.service.demo import demo_model
 from pt2serve.service.pb import pt2serve_pb2 as pb
 from tests import models
-from tests.conftest import Packages, Running
+from tests.conftest import Packages, Running, until
 
 
 def run_request(model: str, request_id: str = "", **inputs: torch.Tensor) -> pb.RunRequest:
@@ -69,13 +69,26 @@ async def test_unbatched_model(running: Running) -> None:
 
 
 async def test_concurrent_requests_are_batched_and_correct(running: Running) -> None:
+    """40 requests queued while dispatch is held run in batches of up to 64 rows, and
+    each answer equals the eager module on its own rows."""
+    scheduler = running.server.manager.get("demo").scheduler
+    gate = threading.Event()
+    hold = asyncio.ensure_future(scheduler.exclusive(lambda: gate.wait(30), bump_version=False))
     xs = [torch.randn(1 + i % 3, 16) for i in range(40)]
-    responses = await asyncio.gather(*(running.inference.Run(run_request("demo", x=x)) for x in xs))
+    calls = asyncio.gather(*(running.inference.Run(run_request("demo", x=x)) for x in xs))
+
+    async def all_queued() -> bool:
+        return scheduler.queue_depth == len(xs)
+
+    await until(all_queued, "40 requests to queue")
+    gate.set()
+    await hold
+    responses = await calls
     eager = demo_model()
     for x, response in zip(xs, responses, strict=True):
         torch.testing.assert_close(outputs_of(response)["logits"], eager(x))
-    stats = running.server.manager.get("demo").scheduler.stats
-    assert stats.requests == 40 and stats.batches < 40
+    assert scheduler.stats.requests == 40
+    assert scheduler.stats.batches == 2  # 79 rows: 64, then the rest
 
 
 async def test_stream_answers_each_request_and_survives_errors(running: Running) -> None:
