@@ -91,6 +91,16 @@ class ConstantOps:
             result = ConstantUpdateResult(swapped.version, swapped.label, result.updated)
         return result, sorted(ignored)
 
+    async def discard(self, name: str) -> ConstantUpdateResult:
+        """Forget what was staged on every binding (a later swap needs every constant
+        staged again); the served constants do not change."""
+        model = self._registry.get(name)
+        async with model.constants_lock:
+            for package in model.bindings:
+                package.discard_staged()
+            model.staged_label = ""
+        return ConstantUpdateResult(model.constants_version, model.constants_label, 0)
+
     async def swap(self, name: str) -> ConstantUpdateResult:
         """Serve the staged constants on every binding at once."""
         model = self._registry.get(name)

@@ -11,7 +11,7 @@ import pathlib
 import signal
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -124,30 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--timeout", type=float, default=30.0, help="seconds")
     infer.set_defaults(func=_infer)
 
-    constants = sub.add_parser("constants", help="list, load and swap a served model's constants (weights)")
-    constants_sub = constants.add_subparsers(dest="action", required=True)
-    for action, help_text in (
-        ("list", "FQN, internal name, dtype and shape of each constant"),
-        ("load", "load new weights from a .safetensors or torch.save state-dict file"),
-        ("swap", "serve the constants staged with --inactive"),
-    ):
-        p = constants_sub.add_parser(action, help=help_text)
-        _connection_flags(p)
-        p.add_argument("--model", required=True)
-        if action == "load":
-            p.add_argument("--file", required=True, help="path on the server, under its model root")
-            p.add_argument(
-                "--upload", action="store_true", help="read --file here and stream it to the server instead"
-            )
-            p.add_argument(
-                "--swap", action="store_true", help="stage, then switch atomically between batches"
-            )
-            p.add_argument(
-                "--inactive", action="store_true", help="stage only; serve later with `constants swap`"
-            )
-            p.add_argument("--full", action="store_true", help="require every constant of the model")
-            p.add_argument("--label", default="", help="a name for these weights, reported with the version")
-    constants.set_defaults(func=_constants)
+    from pt2serve.service.cli_constants import add_constants_parser
+
+    add_constants_parser(sub, _connection_flags).set_defaults(func=_constants)
 
     inspect = sub.add_parser("inspect", help="show a package's metadata and schema without loading it")
     inspect.add_argument("path")
@@ -156,8 +135,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _connection_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default=f"127.0.0.1:{DEFAULT_GRPC_PORT}", help="host:port of the server")
+def _connection_flags(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
+    if several:
+        parser.add_argument(
+            "--targets",
+            required=True,
+            help="every replica: H1:P1,H2:P2 (IP addresses) or dns:///name:port (each address of the name)",
+        )
+    else:
+        parser.add_argument(
+            "--target",
+            default=f"127.0.0.1:{DEFAULT_GRPC_PORT}",
+            help="the server: host:port; several replicas as H1:P1,H2:P2 (IP addresses) or "
+            "dns:///name:port, balanced round robin and retried on UNAVAILABLE",
+        )
     parser.add_argument("--tls", action="store_true", help="connect with TLS (system CAs unless --tls-ca)")
     parser.add_argument("--tls-ca", help="CA certificate that signed the server's certificate")
     parser.add_argument("--tls-cert", help="client certificate, for mutual TLS")
@@ -170,14 +161,18 @@ def _connection_flags(parser: argparse.ArgumentParser) -> None:
 def _client(args: argparse.Namespace) -> Pt2ServeClient:
     from pt2serve.service.client import Pt2ServeClient
 
-    return Pt2ServeClient(
-        args.target,
-        tls=args.tls,
-        ca_file=args.tls_ca,
-        cert_file=args.tls_cert,
-        key_file=args.tls_key,
-        token=read_token(args.token_file),
-    )
+    return Pt2ServeClient(args.target, **client_options(args))
+
+
+def client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """TLS and token flags as Pt2ServeClient options."""
+    return {
+        "tls": args.tls,
+        "ca_file": args.tls_ca,
+        "cert_file": args.tls_cert,
+        "key_file": args.tls_key,
+        "token": read_token(args.token_file),
+    }
 
 
 # ---------------------------------------------------------------------- serve
@@ -328,8 +323,10 @@ def _random_for(schema: ModelSchema, name: str, rows: int, generator: torch.Gene
 
 # ------------------------------------------------------------------ constants
 def _constants(args: argparse.Namespace) -> int:
-    from pt2serve.service.cli_constants import constants_command
+    from pt2serve.service.cli_constants import constants_command, rollout_command
 
+    if args.action == "rollout":
+        return rollout_command(args, client_options(args))
     with _client(args) as client:
         return constants_command(client, args)
 

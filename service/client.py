@@ -252,6 +252,13 @@ class Pt2ServeClient:
         )
         return response
 
+    def discard_staged_constants(self, model: str) -> pb.ConstantUpdateResponse:
+        """Forget what was staged with use_inactive; the served weights stay."""
+        response: pb.ConstantUpdateResponse = self.loader.DiscardStagedConstants(
+            pb.DiscardStagedConstantsRequest(name=model)
+        )
+        return response
+
     def load_constants_from_file(
         self,
         model: str,

@@ -22,6 +22,7 @@ MANAGEMENT_METHODS = frozenset(
         "/pt2serve.v1.ModelLoader/LoadConstantsFromFile",
         "/pt2serve.v1.ModelLoader/UpdateConstantBuffer",
         "/pt2serve.v1.ModelLoader/SwapConstantBuffer",
+        "/pt2serve.v1.ModelLoader/DiscardStagedConstants",
         "/pt2serve.v1.ModelLoader/LoadMetadataFromPackage",
         "/inference.GRPCInferenceService/RepositoryModelLoad",
         "/inference.GRPCInferenceService/RepositoryModelUnload",

@@ -191,6 +191,11 @@ class ModelLoaderServicer(pb_grpc.ModelLoaderServicer):
     ) -> pb.ConstantUpdateResponse:
         return _constant_response(await self._manager.constants.swap(request.name))
 
+    async def DiscardStagedConstants(
+        self, request: pb.DiscardStagedConstantsRequest, context: Context
+    ) -> pb.ConstantUpdateResponse:
+        return _constant_response(await self._manager.constants.discard(request.name))
+
     async def LoadMetadataFromPackage(
         self, request: pb.LoadMetadataFromPackageRequest, context: Context
     ) -> pb.GetMetadataResponse:

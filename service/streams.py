@@ -73,8 +73,14 @@ async def serve_stream(
         tickets.difference_update(mine)
         respond(request, slot, outcome)
 
-    async def read() -> None:
+    async def read() -> bool:
+        """Submit each request read; True if draining stopped it, False at the end of
+        the client's half."""
         async for request in requests:
+            if stop is not None and stop.is_set():
+                # Set before the models stop taking requests: nothing read from here
+                # on is submitted (the client sends it again, unanswered).
+                return True
             slot = answers.reserve()
             mine: list[Ticket] = []  # filled once submitted; on_done runs later
             try:
@@ -84,6 +90,7 @@ async def serve_stream(
                 continue
             mine.append(ticket)
             tickets.add(ticket)
+        return False
 
     async def run() -> bool:
         """Read until the client's half ends, or the server drains; then wait for what
@@ -92,12 +99,12 @@ async def serve_stream(
         stopping = asyncio.create_task(stop.wait()) if stop is not None else None
         try:
             await asyncio.wait([t for t in (reader, stopping) if t is not None], return_when=FIRST_COMPLETED)
-            drained = not reader.done()
-            if drained:
+            if reader.done():
+                drained = reader.result()  # a request that could not be read ends the call
+            else:
+                drained = True
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
-            else:
-                reader.result()  # a request that could not be read ends the call
             if tickets:
                 await asyncio.wait([t.future for t in tickets])
             return drained

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import grpc
 import torch
@@ -21,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pt2serve.scheduler.manager import ModelConfig
 from pt2serve.service.config import ServerConfig
 from pt2serve.service.demo import demo_model
+from pt2serve.service.pb import pt2serve_pb2 as pb
 from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
 from pt2serve.service.server import Pt2Server
 from tests.conftest import CACHE, Packages, until
@@ -173,3 +175,45 @@ async def _load_then_sigterm(target: str, proc: subprocess.Popen[bytes]) -> list
         await asyncio.gather(*workers)
         await asyncio.to_thread(proc.wait, 60)
     return outcomes
+
+
+async def test_streams_end_unavailable_when_the_server_drains(packages: Packages) -> None:
+    """A stream open when shutdown begins: every request the server read is answered
+    (all OK), then the call ends UNAVAILABLE, telling the client to send the rest on
+    a new stream; the server does not wait out its grace for the stream."""
+    config = ServerConfig(
+        grpc_port=0, metrics_port=0, model_root=str(CACHE), models=(ModelConfig("demo", str(packages.demo)),)
+    )
+    server = Pt2Server(config)
+    await server.start()
+    answered: list[str] = []
+    flowing = threading.Event()
+
+    def requests() -> Iterator[pb.RunRequest]:
+        for i in range(100_000):
+            yield run_request("demo", str(i), x=torch.randn(1, 16))
+
+    def consume() -> grpc.RpcError:
+        # The synchronous client, as Pt2ServeClient: gRPC's asyncio client reports a
+        # write that races the server's status as INTERNAL instead of that status.
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            try:
+                for answer in stub.RunStream(requests()):
+                    assert answer.WhichOneof("result") == "response", answer.error.message
+                    answered.append(answer.request_id)
+                    if len(answered) == 50:
+                        flowing.set()
+            except grpc.RpcError as exc:
+                return exc
+        raise AssertionError("the stream ended without a status")
+
+    consumer = asyncio.ensure_future(asyncio.to_thread(consume))
+    await asyncio.to_thread(flowing.wait, 60)
+    started = time.monotonic()
+    await server.stop(grace_s=30)
+    error = await consumer
+    assert error.code() == grpc.StatusCode.UNAVAILABLE, error  # type: ignore[attr-defined]
+    assert "draining" in (error.details() or "")  # type: ignore[attr-defined]
+    assert time.monotonic() - started < 15, "the stream ended by itself, not at the grace"
+    assert len(answered) == len(set(answered)) >= 50

@@ -20,6 +20,7 @@ from pt2serve.service.demo import demo_model
 from pt2serve.service.pb import grpc_service_pb2 as v2
 from pt2serve.service.pb import pt2serve_pb2 as pb
 from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
+from pt2serve.service.security import MANAGEMENT_METHODS
 from pt2serve.service.server import Pt2Server
 from tests.conftest import CACHE, Packages, Running
 from tests.test_service import expect_error, outputs_of, run_request
@@ -36,6 +37,16 @@ def config_for(packages: Packages, **fields: object) -> ServerConfig:
         models=(ModelConfig("demo", str(packages.demo)),),
         **fields,  # type: ignore[arg-type]
     )
+
+
+def test_every_model_loader_rpc_that_changes_or_reads_by_path_needs_the_token() -> None:
+    """Derived from the proto, so a new ModelLoader RPC is guarded unless it is named
+    here as read-only."""
+    read_only = {"ListModels", "GetMetadata", "GetCallSpec", "GetConstantFqns"}
+    service = pb.DESCRIPTOR.services_by_name["ModelLoader"]
+    guarded = {f"/{service.full_name}/{m.name}" for m in service.methods if m.name not in read_only}
+    assert "/pt2serve.v1.ModelLoader/DiscardStagedConstants" in guarded
+    assert guarded <= MANAGEMENT_METHODS
 
 
 async def test_management_calls_need_the_token(packages: Packages, tmp_path: pathlib.Path) -> None:

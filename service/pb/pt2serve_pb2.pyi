@@ -331,6 +331,12 @@ class SwapConstantBufferRequest(_message.Message):
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
+class DiscardStagedConstantsRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
 class ConstantUpdateResponse(_message.Message):
     __slots__ = ("constants_version", "updated", "constants_label", "ignored")
     CONSTANTS_VERSION_FIELD_NUMBER: _ClassVar[int]

@@ -86,6 +86,11 @@ class ModelLoaderStub:
                 request_serializer=pt2serve_dot_v1_dot_pt2serve__pb2.SwapConstantBufferRequest.SerializeToString,
                 response_deserializer=pt2serve_dot_v1_dot_pt2serve__pb2.ConstantUpdateResponse.FromString,
                 _registered_method=True)
+        self.DiscardStagedConstants = channel.unary_unary(
+                '/pt2serve.v1.ModelLoader/DiscardStagedConstants',
+                request_serializer=pt2serve_dot_v1_dot_pt2serve__pb2.DiscardStagedConstantsRequest.SerializeToString,
+                response_deserializer=pt2serve_dot_v1_dot_pt2serve__pb2.ConstantUpdateResponse.FromString,
+                _registered_method=True)
         self.LoadMetadataFromPackage = channel.unary_unary(
                 '/pt2serve.v1.ModelLoader/LoadMetadataFromPackage',
                 request_serializer=pt2serve_dot_v1_dot_pt2serve__pb2.LoadMetadataFromPackageRequest.SerializeToString,
@@ -169,6 +174,15 @@ class ModelLoaderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DiscardStagedConstants(self, request, context):
+        """Forget what was staged with use_inactive since the last swap (a later swap needs
+        every constant staged again); the served constants do not change. The abort of a
+        fleet rollout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def LoadMetadataFromPackage(self, request, context):
         """static AOTIModelPackageLoader::load_metadata_from_package: no load.
         """
@@ -227,6 +241,11 @@ def add_ModelLoaderServicer_to_server(servicer, server):
             'SwapConstantBuffer': grpc.unary_unary_rpc_method_handler(
                     servicer.SwapConstantBuffer,
                     request_deserializer=pt2serve_dot_v1_dot_pt2serve__pb2.SwapConstantBufferRequest.FromString,
+                    response_serializer=pt2serve_dot_v1_dot_pt2serve__pb2.ConstantUpdateResponse.SerializeToString,
+            ),
+            'DiscardStagedConstants': grpc.unary_unary_rpc_method_handler(
+                    servicer.DiscardStagedConstants,
+                    request_deserializer=pt2serve_dot_v1_dot_pt2serve__pb2.DiscardStagedConstantsRequest.FromString,
                     response_serializer=pt2serve_dot_v1_dot_pt2serve__pb2.ConstantUpdateResponse.SerializeToString,
             ),
             'LoadMetadataFromPackage': grpc.unary_unary_rpc_method_handler(
@@ -506,6 +525,33 @@ class ModelLoader:
             target,
             '/pt2serve.v1.ModelLoader/SwapConstantBuffer',
             pt2serve_dot_v1_dot_pt2serve__pb2.SwapConstantBufferRequest.SerializeToString,
+            pt2serve_dot_v1_dot_pt2serve__pb2.ConstantUpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiscardStagedConstants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pt2serve.v1.ModelLoader/DiscardStagedConstants',
+            pt2serve_dot_v1_dot_pt2serve__pb2.DiscardStagedConstantsRequest.SerializeToString,
             pt2serve_dot_v1_dot_pt2serve__pb2.ConstantUpdateResponse.FromString,
             options,
             channel_credentials,
