@@ -86,6 +86,11 @@ class ModelConfig:
     # does not pay the cold start, and outputs the package does not describe get
     # their dtype and shape from it.
     warmup: bool = True
+    # Weights to serve from the start instead of the compiled ones (a .safetensors or
+    # torch.save file with every constant), and their label: a replica added to a
+    # fleet starts with the fleet's current weights.
+    weights: str | None = None
+    weights_label: str = ""
 
     def __post_init__(self) -> None:
         if not self.name:

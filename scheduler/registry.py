@@ -20,6 +20,7 @@ from pt2serve.loader.errors import (
 )
 from pt2serve.loader.package import LoadOptions, ModelPackage
 from pt2serve.loader.schema import ModelSchema
+from pt2serve.loader.weights import open_weights
 from pt2serve.scheduler.batcher import ModelScheduler, RunnerSlot, SchedulerStats
 from pt2serve.scheduler.config import BatchingConfig, ModelConfig, fit_batching
 from pt2serve.scheduler.telemetry import NoTelemetry, Telemetry
@@ -190,6 +191,8 @@ class ModelRegistry:
             for device in config.device_indices
         ]
         try:
+            if config.weights:
+                _load_weights(config, bindings)
             schema = _warm_up(config, bindings) if config.warmup else bindings[0].schema
             batching = fit_batching(schema, config.batching)
         except BaseException:
@@ -205,7 +208,11 @@ class ModelRegistry:
             pad_to=schema.static_batch,
             telemetry=self.telemetry,
         )
-        return LoadedModel(config, bindings, scheduler)
+        model = LoadedModel(config, bindings, scheduler)
+        if config.weights:
+            model.constants_label = config.weights_label
+            model.constants_updated_at = time.time()
+        return model
 
     async def unload(self, name: str, grace_s: float = 5.0) -> None:
         model = self.get(name)
@@ -236,6 +243,17 @@ async def _close_model(model: LoadedModel, grace_s: float) -> None:
     await model.scheduler.close(grace_s)
     for binding in model.bindings:
         binding.close()
+
+
+def _load_weights(config: ModelConfig, bindings: Sequence[ModelPackage]) -> None:
+    """Serve the weights file of `config` on every binding (before the model serves)."""
+    assert config.weights is not None
+    constants = {s.fqn for s in bindings[0].constant_specs()}
+    with open_weights(config.weights) as weights:
+        tensors = {key: weights.get(key) for key in weights.keys() if key in constants}
+    for binding in bindings:
+        binding.load_constants(binding.on_device(tensors), use_inactive=False, check_full_update=True)
+    log.info("model %r: serving the weights of %s (%s)", config.name, config.weights, config.weights_label)
 
 
 def _warm_up(config: ModelConfig, bindings: Sequence[ModelPackage]) -> ModelSchema:

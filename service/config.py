@@ -146,6 +146,8 @@ MODEL_KEYS: dict[str, tuple[str, Reader]] = {
     "schema": ("schema", lambda value, base: ModelSchema.from_json(_read(base / value), source="user")),
     "runtime": ("runtime", _as(str)),
     "warmup": ("warmup", _as(bool)),
+    "weights": ("weights", _path),
+    "weights_label": ("weights_label", _as(str)),
 }
 # [models.batching]: durations in microseconds, as in the API; the _ms names of
 # earlier releases are still read.
