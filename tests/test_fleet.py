@@ -222,13 +222,11 @@ async def load_all(fleet: Fleet, sets: list[DemoMLP], stop: asyncio.Event) -> li
     return failures
 
 
-async def test_rollout_moves_every_replica_under_load(fleet: Fleet) -> None:
-    fqns = updatable(fleet)
-    new = shifted_model(fqns, 0.05)
-    for root in fleet.roots:
-        save_file(weights_of(new, fqns), str(root / "v2.safetensors"))
+async def rollout_under_load(fleet: Fleet, sets: list[DemoMLP]) -> tuple[rollout.RolloutReport, list[str]]:
+    """Roll v2.safetensors out (label v2) while every replica serves requests, each of
+    whose answers must come from exactly one of `sets`."""
     stop = asyncio.Event()
-    load = asyncio.create_task(load_all(fleet, [demo_model(), new], stop))
+    load = asyncio.create_task(load_all(fleet, sets, stop))
     try:
         report = await asyncio.to_thread(
             rollout.rollout, fleet.addresses, "demo", label="v2", file="v2.safetensors"
@@ -236,6 +234,15 @@ async def test_rollout_moves_every_replica_under_load(fleet: Fleet) -> None:
     finally:
         stop.set()
         failures = await load
+    return report, failures
+
+
+async def test_rollout_moves_every_replica_under_load(fleet: Fleet) -> None:
+    fqns = updatable(fleet)
+    new = shifted_model(fqns, 0.05)
+    for root in fleet.roots:
+        save_file(weights_of(new, fqns), str(root / "v2.safetensors"))
+    report, failures = await rollout_under_load(fleet, [demo_model(), new])
     assert report.ok and report.phase == "swapped", report
     assert not failures, failures[:5]
     assert [(r.version, r.label) for r in report.replicas] == [(1, "v2")] * 3
@@ -256,15 +263,7 @@ async def test_a_refused_stage_leaves_every_replica_on_the_old_weights(fleet: Fl
     wrong = weights_of(new, fqns)
     wrong[fqns[0]] = torch.zeros(3, 3)  # the wrong shape: refused before the runtime
     save_file(wrong, str(fleet.roots[2] / "v2.safetensors"))
-    stop = asyncio.Event()
-    load = asyncio.create_task(load_all(fleet, [demo_model()], stop))
-    try:
-        report = await asyncio.to_thread(
-            rollout.rollout, fleet.addresses, "demo", label="v2", file="v2.safetensors"
-        )
-    finally:
-        stop.set()
-        failures = await load
+    report, failures = await rollout_under_load(fleet, [demo_model()])
     assert not failures, failures[:5]
     assert report.phase == "staged" and not report.ok
     assert list(report.errors) == [fleet.addresses[2]]
