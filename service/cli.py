@@ -10,7 +10,7 @@ import logging
 import pathlib
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -19,7 +19,7 @@ import torch
 
 from pt2serve.loader import defaults
 from pt2serve.loader.dtypes import DTYPES
-from pt2serve.loader.errors import Pt2ServeError
+from pt2serve.loader.errors import InvalidInput, Pt2ServeError
 from pt2serve.loader.package import load_metadata_from_package, read_package_sources, resolve_schema
 from pt2serve.loader.schema import ModelSchema
 from pt2serve.scheduler.config import ModelConfig
@@ -191,8 +191,24 @@ def _serve(args: argparse.Namespace) -> int:
         models.append(
             ModelConfig(name="demo", package_path=str(demo_package()), num_runners=args.num_runners)
         )
-    asyncio.run(_run_server(dataclasses.replace(config, models=tuple(models))))
+    with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
+        runner.run(_run_server(dataclasses.replace(config, models=tuple(models))))
     return 0
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop a serving process runs on: uvloop (libuv; a dependency on
+    Linux) unless `choice` is "asyncio" or uvloop is not installed ("auto")."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise InvalidInput("event_loop = 'uvloop', but uvloop is not installed") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def tune_process(gil_switch_interval_us: int, gc_gen0_threshold: int) -> None:
@@ -222,7 +238,14 @@ async def _run_server(config: ServerConfig) -> None:
     try:
         await server.start()
         tune_process(config.gil_switch_interval_us, config.gc_gen0_threshold)
-        log.info("ready: %d model(s): %s", len(config.models), ", ".join(m.name for m in config.models))
+        kind = type(asyncio.get_running_loop())
+        log.info(
+            "ready: %d model(s): %s (event loop: %s.%s)",
+            len(config.models),
+            ", ".join(m.name for m in config.models),
+            kind.__module__,
+            kind.__name__,
+        )
         await stop.wait()
         log.info("shutting down: draining for up to %.0fs", config.drain_grace_s)
     finally:

@@ -20,6 +20,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_GRPC_PORT = 8500
 DEFAULT_METRICS_PORT = 8502
 DEFAULT_MAX_TENSOR_BYTES = 1 << 30
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +61,14 @@ class ServerConfig:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_client_ca_file: str | None = None
+    # "auto": uvloop when installed (it is a dependency on Linux), else asyncio's
+    # default loop; "asyncio" or "uvloop" to choose.
+    event_loop: str = "auto"
     models: tuple[ModelConfig, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        if self.event_loop not in EVENT_LOOPS:
+            raise InvalidInput(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise InvalidInput("tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file and not self.tls_cert_file:
@@ -135,6 +141,7 @@ SERVER_KEYS: dict[str, tuple[str, Reader]] = {
     "tls_cert_file": ("tls_cert_file", _path),
     "tls_key_file": ("tls_key_file", _path),
     "tls_client_ca_file": ("tls_client_ca_file", _path),
+    "event_loop": ("event_loop", _as(str)),
 }
 MODEL_KEYS: dict[str, tuple[str, Reader]] = {
     "name": ("name", _as(str)),

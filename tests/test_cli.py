@@ -19,6 +19,7 @@ import torch
 
 from pt2serve.loader.errors import InvalidInput
 from pt2serve.service import tensors
+from pt2serve.service.cli import loop_factory
 from pt2serve.service.config import load_config
 from pt2serve.service.demo import demo_model
 from pt2serve.service.pb import pt2serve_pb2 as pb
@@ -104,6 +105,18 @@ def test_serve_then_infer_matches_eager(server: subprocess.Popen[str], tmp_path:
     log = pathlib.Path(server.log).read_text()  # type: ignore[attr-defined]
     assert "serving the bundled demo model" in log and "loaded model 'demo'" in log
     assert "shutting down" in log and "stopped" in log
+    assert "(event loop: uvloop.Loop)" in log  # uvloop is a dependency on Linux
+
+
+def test_event_loop_choice(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "loop.toml"
+    config.write_text('[server]\nevent_loop = "asyncio"\n')
+    assert load_config(config).event_loop == "asyncio"
+    assert loop_factory("asyncio") is None
+    assert loop_factory("auto") is not None and loop_factory("uvloop") is not None
+    config.write_text('[server]\nevent_loop = "trio"\n')
+    with pytest.raises(InvalidInput, match="event_loop must be one of auto, asyncio, uvloop"):
+        load_config(config)
 
 
 def test_inspect_reads_a_package_without_loading(packages: Packages) -> None:
