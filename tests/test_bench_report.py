@@ -38,3 +38,19 @@ def test_report_ratios_and_machine_estimate(tmp_path: pathlib.Path) -> None:
     assert "| ffn | 6,000 | 12,000 | 4,000 | 0.67× |" in text
     assert "| demo | 8,000 | 2,000,000 | 7,968 | 1.00× |" in text
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_h2load_output_is_parsed() -> None:
+    from bench.unary import grpc_frame, parse_h2load
+
+    output = """
+finished in 8.96s, 2230.98 req/s, 219.41KB/s
+requests: 20000 total, 20000 started, 20000 done, 19990 succeeded, 10 failed, 0 errored, 0 timeout
+status codes: 20000 2xx, 0 3xx, 0 4xx, 0 5xx
+                     min         max         mean         sd        +/- sd
+time for request:      707us      4.91ms       881us       147us    91.07%
+"""
+    result = parse_h2load(output)
+    assert (result.requests_per_s, result.succeeded, result.failed) == (2230.98, 19990, 10)
+    assert abs(result.mean_ms - 0.881) < 1e-9
+    assert grpc_frame(b"abc") == b"\x00\x00\x00\x00\x03abc"
