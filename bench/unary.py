@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import pathlib
 import re
 import shutil
 import statistics
@@ -28,8 +29,11 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+import torch
+
 from bench.run import (
     MAX_BATCH,
+    ROOT,
     BenchModel,
     bench_models,
     model_counters,
@@ -162,6 +166,7 @@ def main() -> None:
     parser.add_argument("--in-flight", default="64,1")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=20_000, help="per run at 64 in flight (1/6 at 1)")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-unary.md"), help="'' to skip")
     args = parser.parse_args()
     if shutil.which("h2load") is None:
         raise SystemExit("h2load not found: apt-get install nghttp2-client")
@@ -182,7 +187,25 @@ def main() -> None:
                     "no-batching": (unbatched.target, unbatched.pid),
                 }
                 rows += measure(model, servers, in_flight, args)
-    print(report(rows))
+    table = report(rows)
+    print(table)
+    if args.out:
+        pathlib.Path(args.out).write_text(document(table, args))
+        print(f"wrote {args.out}")
+
+
+def document(table: str, args: argparse.Namespace) -> str:
+    return (
+        "# Unary benchmark (h2load)\n\n"
+        "Written by `python -m bench.unary` (see its docstring): single-row native `Run` "
+        "requests, pre-serialised, from h2load; the three servers run side by side and take "
+        f"turns, {args.rounds} rounds of {args.requests:,} requests at 64 in flight "
+        f"({max(args.requests // 6, 100):,} at 1). Only ratios within one run are "
+        "meaningful: client and servers share the machine.\n\n"
+        f"- Machine: {os.cpu_count()} CPUs; torch {torch.__version__}\n"
+        f"- pt2serve: max_batch_size {MAX_BATCH}, num_runners 1; no-batching: max_batch_size 1\n\n"
+        f"{table}\n"
+    )
 
 
 if __name__ == "__main__":
