@@ -18,6 +18,7 @@ import ipaddress
 import json
 import pathlib
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -38,6 +39,7 @@ CHUNK_BYTES = 1 << 20
 SERVICE_CONFIG = (pathlib.Path(__file__).parent / "grpc_service_config.json").read_text()
 # How often `infer_stream` sends one request again after UNAVAILABLE before giving up.
 STREAM_ATTEMPTS = 5
+STREAM_BACKOFF_S = 0.05
 
 
 SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock")
@@ -171,6 +173,10 @@ class Pt2ServeClient:
         sent: dict[int, int] = {}
         read_all = threading.Event()
         lock = threading.Lock()
+        # A stream that failed may still have a sending thread inside `inputs` when the
+        # next one starts: reading it is serialised, apart from `lock` (an `inputs` that
+        # waits for answers must not block them).
+        reading = threading.Lock()
 
         def send(index: int) -> pb.RunRequest:
             with lock:
@@ -181,18 +187,27 @@ class Pt2ServeClient:
             # Runs in gRPC's sending thread: what to send again first, then new ones.
             for index in again:
                 yield send(index)
-            for index, values in source:
+            while True:
+                with reading:
+                    item = next(source, None)
+                if item is None:
+                    read_all.set()
+                    return
+                index, values = item
+                request = pb.RunRequest(
+                    model=model, request_id=str(index), inputs={k: _tensor(v) for k, v in values.items()}
+                )
                 with lock:
-                    pending[index] = pb.RunRequest(
-                        model=model, request_id=str(index), inputs={k: _tensor(v) for k, v in values.items()}
-                    )
+                    pending[index] = request
                 yield send(index)
-            read_all.set()
 
         again: list[int] = []
+        fruitless = 0  # streams in a row that ended UNAVAILABLE without one answer
         while True:
+            answered = False
             try:
                 for answer in self.inference.RunStream(requests(again), timeout=timeout_s):
+                    answered = True
                     index = int(answer.request_id)
                     if answer.WhichOneof("result") == "error":
                         if answer.error.code == grpc.StatusCode.UNAVAILABLE.value[0]:
@@ -204,6 +219,10 @@ class Pt2ServeClient:
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
+                fruitless = 0 if answered else fruitless + 1
+                if fruitless >= attempts:
+                    raise  # no replica answers at all
+                time.sleep(min(STREAM_BACKOFF_S * 2**fruitless, 1.0))
             with lock:
                 again = sorted(pending)
                 spent = [i for i in again if sent.get(i, 0) >= attempts]

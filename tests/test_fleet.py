@@ -34,7 +34,7 @@ from pt2serve.service.pb import pt2serve_pb2 as pb
 from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
 from pt2serve.service.server import Pt2Server
 from tests.conftest import Packages
-from tests.fleet import ENV, Replica
+from tests.fleet import ENV, Replica, free_port
 from tests.test_constants import shifted_model, weights_of
 from tests.test_service import outputs_of, run_request
 
@@ -376,3 +376,12 @@ async def test_a_new_replica_starts_with_the_fleets_weights(
         torch.testing.assert_close(got, new(x))
     finally:
         await joined.stop(0)
+
+
+def test_a_stream_with_no_replica_gives_up() -> None:
+    """Nobody listens: infer_stream raises UNAVAILABLE after its attempts instead of
+    opening streams forever."""
+    with Pt2ServeClient(f"127.0.0.1:{free_port()}") as client:
+        with pytest.raises(grpc.RpcError) as info:
+            list(client.infer_stream("demo", [{"x": torch.randn(1, 16)}], timeout_s=30))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
