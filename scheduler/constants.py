@@ -111,8 +111,8 @@ class ConstantOps:
                 package.prepare_swap()
 
         def swap() -> None:
-            for package in model.bindings:
-                package.check_swappable()
+            # `prepare` checked every binding under the same lock, so nothing staged
+            # has changed since: all of them can swap (while batches are paused).
             for package in model.bindings:
                 package.swap_constant_buffer()
 
