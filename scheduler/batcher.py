@@ -8,7 +8,8 @@ Invariants (the tests check each one):
   (requests batch together only when every non-batch dim and dtype matches);
 - a request that is cancelled or whose deadline passed while queued never runs;
 - when a runner is idle and work is queued, a batch is dispatched at once, unless
-  the user asked for `max_queue_delay` to grow batches;
+  the user asked for `max_queue_delay` to grow batches, or measured batch costs say
+  a short wait (at most `adaptive_delay`, scheduler/adaptive.py) buys throughput;
 - the model runs in worker threads (scheduler/workers.py), never on the event loop.
 """
 
@@ -24,6 +25,7 @@ from typing import TypeVar
 import torch
 
 from pt2serve.loader.errors import ExecutionFailed, Expired, InvalidInput, Overloaded, Unavailable
+from pt2serve.scheduler.adaptive import AdaptiveWait
 from pt2serve.scheduler.batches import (
     PendingRequest,
     Runner,
@@ -74,7 +76,11 @@ class ModelScheduler:
         self.stats = SchedulerStats()
         self._slots = list(slots)
         self._clock = clock
-        self._queue = RequestQueue(name, config, batched)
+        # Waiting for fuller batches when measured costs say it pays; not when the
+        # user fixed a delay, nor for a model without a batch dimension.
+        adaptive = config.adaptive_delay_us > 0 and config.max_queue_delay_us == 0 and batched
+        self.adaptive = AdaptiveWait(config.adaptive_delay_us / 1e6, config.max_batch_size) if adaptive else None
+        self._queue = RequestQueue(name, config, batched, self.adaptive)
         self._in_flight = 0
         self._batch_tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
@@ -202,6 +208,8 @@ class ModelScheduler:
         future: asyncio.Future[RunResult] = loop.create_future()
         req = PendingRequest(inputs, rows, bucket, priority, deadline, future, now, on_done=on_done)
         self._queue.push(req)
+        if self.adaptive is not None:
+            self.adaptive.arrived(now)
         timer = None if deadline is None else loop.call_later(deadline - now, self._expire, req)
         future.add_done_callback(functools.partial(self._settled, req, timer))
         self._dispatch()
@@ -281,6 +289,8 @@ class ModelScheduler:
             self.stats.record(rows, len(batch), sum(waits), compute[0])
             slot.batches += 1
             self._telemetry.batch_finished(self.name, slot.label, rows, waits, compute[0], error is None)
+            if self.adaptive is not None and error is None:
+                self.adaptive.ran(rows, compute[0])
             self._finish(slot, batch, version, results, error)
 
         self._workers.submit(job, done)

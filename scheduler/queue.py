@@ -7,13 +7,17 @@ import collections
 import itertools
 
 from pt2serve.loader.errors import Expired
+from pt2serve.scheduler.adaptive import AdaptiveWait
 from pt2serve.scheduler.batches import PendingRequest, State, resolve
 from pt2serve.scheduler.config import BatchingConfig
 
 
 class RequestQueue:
-    def __init__(self, name: str, config: BatchingConfig, batched: bool) -> None:
+    def __init__(
+        self, name: str, config: BatchingConfig, batched: bool, adaptive: AdaptiveWait | None = None
+    ) -> None:
         self._name = name
+        self._adaptive = adaptive
         self._config = config
         self._limit = config.max_batch_size if batched else 1
         self._delay = config.max_queue_delay_s
@@ -52,8 +56,12 @@ class RequestQueue:
         ]
         waiting = sum(r.rows for r in candidates)
         filled = waiting >= self._limit or waiting in self._config.preferred_batch_sizes
-        if self._delay > 0 and not filled and now - head.enqueued_at < self._delay:
-            return None, head.enqueued_at + self._delay - now
+        if not filled:
+            age = now - head.enqueued_at
+            if self._delay > 0 and age < self._delay:
+                return None, self._delay - age
+            if self._adaptive is not None and (hold := self._adaptive.hold(waiting, age)) > 0:
+                return None, hold
         target = self._target_rows(waiting)
         batch: list[PendingRequest] = []
         rows = 0

@@ -64,6 +64,9 @@ class ServerConfig:
     # "auto": uvloop when installed (it is a dependency on Linux), else asyncio's
     # default loop; "asyncio" or "uvloop" to choose.
     event_loop: str = "auto"
+    # gRPC front-end processes in front of one engine process (service/supervisor.py);
+    # 0 serves everything from one process.
+    frontends: int = 0
     models: tuple[ModelConfig, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -73,6 +76,8 @@ class ServerConfig:
             raise InvalidInput("tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise InvalidInput("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        if self.frontends < 0:
+            raise InvalidInput(f"frontends must be 0 (one process) or more, got {self.frontends}")
         if self.max_tensor_bytes < 1 or self.max_concurrent_streams < 0:
             raise InvalidInput("max_tensor_mb must be positive and max_concurrent_streams not negative")
         if self.gil_switch_interval_us < 0 or self.gc_gen0_threshold < 0:
@@ -142,6 +147,7 @@ SERVER_KEYS: dict[str, tuple[str, Reader]] = {
     "tls_key_file": ("tls_key_file", _path),
     "tls_client_ca_file": ("tls_client_ca_file", _path),
     "event_loop": ("event_loop", _as(str)),
+    "frontends": ("frontends", _as(int)),
 }
 MODEL_KEYS: dict[str, tuple[str, Reader]] = {
     "name": ("name", _as(str)),
@@ -161,6 +167,7 @@ MODEL_KEYS: dict[str, tuple[str, Reader]] = {
 BATCHING_KEYS: dict[str, tuple[str, Reader]] = {
     "max_batch_size": ("max_batch_size", _as(int)),
     "max_queue_delay_us": ("max_queue_delay_us", _as(int)),
+    "adaptive_delay_us": ("adaptive_delay_us", _as(int)),
     "max_queue_delay_ms": ("max_queue_delay_us", lambda value, base: round(float(value) * 1000)),
     "max_queue_size": ("max_queue_size", _as(int)),
     "default_timeout_us": ("default_timeout_us", _as(int)),

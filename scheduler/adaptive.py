@@ -1,0 +1,102 @@
+"""`AdaptiveWait`: how long a free runner waits for a fuller batch, from measured
+batch costs (the idea of Clipper's adaptive batching and TF Serving's batch timeout,
+without a constant per model).
+
+It learns two things as the model serves:
+- what a batch costs: running averages of rows and compute seconds per power-of-two
+  bucket of batch sizes (1, 2-3, 4-7, ...), fitted to `fixed + per_row * rows`;
+- the arrival rate: a running average of the gaps between requests.
+
+When a runner is free and the queue holds fewer rows than a batch can, it waits
+(at most one batch's cost, and never past `bound_s` since the oldest request
+arrived) only if
+- at least one more request is expected meanwhile: a lone request on an idle
+  server goes at once; and
+- the fitted cost per row of the fuller batch is at least 10 % lower (`GAIN`):
+  waiting buys throughput only when a batch's cost grows slower than its size
+  (a fixed part per batch: kernel launches, thread hand-offs, Python).
+
+Until batches of two different sizes have been measured it does not wait; sizes
+vary with load by themselves (the queue grows while a runner is busy).
+"""
+
+from __future__ import annotations
+
+# Wait only for at least this much less cost per row.
+GAIN = 0.9
+# Weight of the newest sample in the running averages.
+ALPHA = 0.2
+
+
+class AdaptiveWait:
+    def __init__(self, bound_s: float, limit: int) -> None:
+        self.bound_s = bound_s
+        self.limit = limit
+        # bucket -> (average rows, average seconds)
+        self._batches: dict[int, tuple[float, float]] = {}
+        # fixed seconds per batch, seconds per row; None until two sizes are known
+        self.fit: tuple[float, float] | None = None
+        self._gap_s: float | None = None
+        self._last_arrival: float | None = None
+
+    def arrived(self, now: float) -> None:
+        """A request arrived at `now` (the scheduler's clock)."""
+        if self._last_arrival is not None:
+            gap = max(now - self._last_arrival, 0.0)
+            self._gap_s = gap if self._gap_s is None else self._gap_s + ALPHA * (gap - self._gap_s)
+        self._last_arrival = now
+
+    def ran(self, rows: int, seconds: float) -> None:
+        """A batch of `rows` took `seconds` to compute."""
+        bucket = max(rows, 1).bit_length() - 1
+        known = self._batches.get(bucket)
+        if known is None:
+            self._batches[bucket] = (float(rows), seconds)
+        else:
+            self._batches[bucket] = (
+                known[0] + ALPHA * (rows - known[0]),
+                known[1] + ALPHA * (seconds - known[1]),
+            )
+        self.fit = _line(list(self._batches.values()))
+
+    @property
+    def rate(self) -> float:
+        """Requests per second, lately (0 before two have arrived)."""
+        if self._gap_s is None:
+            return 0.0
+        return 1.0 / self._gap_s if self._gap_s > 0 else float("inf")
+
+    def hold(self, rows: int, age_s: float) -> float:
+        """Seconds to wait before dispatching `rows` waiting rows whose oldest request
+        has waited `age_s`; 0: dispatch now. Never more than `bound_s - age_s`."""
+        remaining = self.bound_s - age_s
+        if remaining <= 0 or rows >= self.limit or self.fit is None or rows < 1:
+            return 0.0
+        fixed, per_row = self.fit
+        window = min(remaining, fixed + per_row * rows)
+        rate = self.rate
+        expected = rate * window
+        if expected < 1:
+            return 0.0
+        bigger = min(self.limit, rows + int(min(expected, self.limit)))
+        if fixed / bigger + per_row <= GAIN * (fixed / rows + per_row):
+            return min(window, (bigger - rows) / rate)
+        return 0.0
+
+
+def _line(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Least squares `seconds = fixed + per_row * rows`, both parts at least 0."""
+    if len(points) < 2:
+        return None
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    if spread <= 0:
+        return None
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
+    per_row = max(slope, 0.0)
+    fixed = mean_y - per_row * mean_x
+    if fixed < 0:  # through the origin instead
+        return 0.0, sum(x * y for x, y in points) / sum(x * x for x, _ in points)
+    return fixed, per_row
