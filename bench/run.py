@@ -111,14 +111,20 @@ def server_process(argv: list[str], ready: str, env: dict[str, str]) -> Iterator
 
 
 def pt2serve_argv(
-    model: BenchModel, max_batch: int, runners: int, config_dir: str, queue_delay_ms: float = 0.0
+    model: BenchModel,
+    max_batch: int,
+    runners: int,
+    config_dir: str,
+    queue_delay_ms: float = 0.0,
+    frontends: int = 0,
 ) -> list[str]:
-    config = pathlib.Path(config_dir) / f"{model.name}-{max_batch}.toml"
+    config = pathlib.Path(config_dir) / f"{model.name}-{max_batch}-{frontends}.toml"
     config.write_text(
         f"""
 [server]
 grpc_port = 0
 metrics_port = 0
+frontends = {frontends}
 
 [[models]]
 name = "{model.name}"

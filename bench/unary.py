@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from contextlib import ExitStack
 
 import torch
 
@@ -90,10 +91,27 @@ def h2load(target: str, body: str, in_flight: int, requests: int) -> H2loadResul
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process, all its threads, so far."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * TICK_S
+    """User + system CPU so far of a process and every process under it (a
+    supervisor's engine and front ends), all threads."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    total = (int(fields[11]) + int(fields[12])) * TICK_S
+    for child in children(pid):
+        total += cpu_seconds(child)
+    return total
+
+
+def children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in pathlib.Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            pass
+    return found
 
 
 @dataclasses.dataclass
@@ -167,6 +185,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=20_000, help="per run at 64 in flight (1/6 at 1)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-unary.md"), help="'' to skip")
+    parser.add_argument(
+        "--servers",
+        default="null,1 process,1 front end,2 front ends,no-batching",
+        help="which of the servers to run",
+    )
     args = parser.parse_args()
     if shutil.which("h2load") is None:
         raise SystemExit("h2load not found: apt-get install nghttp2-client")
@@ -176,16 +199,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as config_dir:
         for model in [m for m in bench_models() if m.name in args.models.split(",")]:
             null_argv = [sys.executable, "-m", "bench.null_server", "--output-width", str(model.out_width)]
-            with (
-                server_process(null_argv, "null server listening", env) as null,
-                server_process(pt2serve_argv(model, MAX_BATCH, 1, config_dir), "ready:", env) as batched,
-                server_process(pt2serve_argv(model, 1, 1, config_dir), "ready:", env) as unbatched,
-            ):
-                servers = {
-                    "null": (null.target, null.pid),
-                    "pt2serve": (batched.target, batched.pid),
-                    "no-batching": (unbatched.target, unbatched.pid),
-                }
+            argvs = {
+                "null": (null_argv, "null server listening"),
+                "1 process": (pt2serve_argv(model, MAX_BATCH, 1, config_dir), "ready:"),
+                "1 front end": (pt2serve_argv(model, MAX_BATCH, 1, config_dir, frontends=1), "ready:"),
+                "2 front ends": (pt2serve_argv(model, MAX_BATCH, 1, config_dir, frontends=2), "ready:"),
+                "no-batching": (pt2serve_argv(model, 1, 1, config_dir, frontends=2), "ready:"),
+            }
+            with ExitStack() as stack:
+                servers = {}
+                for name in args.servers.split(","):
+                    argv, ready = argvs[name]
+                    running = stack.enter_context(server_process(argv, ready, env))
+                    servers[name] = (running.target, running.pid)
                 rows += measure(model, servers, in_flight, args)
     table = report(rows)
     print(table)

@@ -9,10 +9,12 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from pt2serve.loader.errors import ErrorKind, ExecutionFailed, InvalidInput, Pt2ServeError, shown
+from pt2serve.loader.schema import ModelSchema
 from pt2serve.scheduler.batches import RunResult
 from pt2serve.scheduler.registry import ModelRegistry
 
@@ -40,6 +42,44 @@ class InferenceResult:
 Decode = Callable[[], tuple[Mapping[str, torch.Tensor], InferenceOptions]]
 # Hears how a submitted request ended, unless its caller cancelled it.
 OnDone = Callable[[InferenceResult | BaseException], None]
+
+
+class Withdrawable(Protocol):
+    """A submitted request, as a stream holds it until its answer."""
+
+    @property
+    def future(self) -> asyncio.Future[Any]:
+        """Done once the request has ended (answered, failed or withdrawn)."""
+
+    def cancel(self) -> None:
+        """Withdraw the request unless it is already running."""
+
+
+class InferencePlane(Protocol):
+    """What a protocol adapter calls for inference: `DataPlane` in this process, or
+    a front end's link to the engine process (service/frontend.py)."""
+
+    async def infer(self, model: str, decode: Decode) -> InferenceResult: ...
+
+    def submit(self, model: str, decode: Decode, on_done: OnDone | None = None) -> Withdrawable: ...
+
+
+def accept(
+    schema: ModelSchema,
+    model: str,
+    inputs: Mapping[str, torch.Tensor],
+    options: InferenceOptions,
+    row_limit: int,
+) -> list[torch.Tensor]:
+    """A request's inputs in call order, once they match the schema and its requested
+    outputs exist; InvalidInput naming the field otherwise."""
+    unknown = [n for n in options.output_names if n not in schema.output_names]
+    if unknown:
+        raise InvalidInput(
+            f"unknown output {shown(unknown[0])}; model {shown(model)} has outputs: "
+            f"{', '.join(schema.output_names)}"
+        )
+    return schema.validate(inputs, row_limit=row_limit)
 
 
 class Ticket:
@@ -104,13 +144,7 @@ class DataPlane:
             inputs, options = decode()
             loaded = self._registry.get(model)
             schema = loaded.schema
-            unknown = [n for n in options.output_names if n not in schema.output_names]
-            if unknown:
-                raise InvalidInput(
-                    f"unknown output {shown(unknown[0])}; model {shown(model)} has outputs: "
-                    f"{', '.join(schema.output_names)}"
-                )
-            ordered = schema.validate(inputs, row_limit=loaded.batching.row_limit)
+            ordered = accept(schema, model, inputs, options, loaded.batching.row_limit)
             ticket = Ticket(model, schema.output_names, options.output_names)
 
             def done(future: asyncio.Future[RunResult]) -> None:

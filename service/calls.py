@@ -55,9 +55,17 @@ class Registrar:
     """Passed to generated `add_*_to_server(servicer, registrar)` in place of the
     server: every method handler reaches the server wrapped."""
 
-    def __init__(self, server: grpc.aio.Server, policy: CallPolicy) -> None:
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        policy: CallPolicy,
+        substitute: Callable[[str, Any], Any] | None = None,
+    ) -> None:
         self._server: Any = server  # grpc-stubs lacks add_registered_method_handlers
         self._policy = policy
+        # (method path, handler) -> the handler to serve it with (a front end forwards
+        # the methods it does not serve itself to the engine).
+        self._substitute = substitute
 
     def add_generic_rpc_handlers(self, handlers: Sequence[Any]) -> None:
         # Generated code (grpcio >= 1.62) passes the same handlers again to
@@ -65,6 +73,8 @@ class Registrar:
         pass
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        if self._substitute is not None:
+            handlers = {name: self._substitute(f"/{service}/{name}", h) for name, h in handlers.items()}
         wrapped = {name: wrap(f"/{service}/{name}", h, self._policy) for name, h in handlers.items()}
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
         self._server.add_registered_method_handlers(service, wrapped)
@@ -148,6 +158,14 @@ class _Unauthenticated(Pt2ServeError):
     """Refused before the handler ran; maps to UNAUTHENTICATED (service layer only)."""
 
 
+class Forwarded(Pt2ServeError):
+    """Another process's answer to a forwarded call, passed on with its own status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class _Undecodable:
     """Stands in for a request message that failed to parse, so the call can end with
     INVALID_ARGUMENT instead of the framework's UNKNOWN."""
@@ -193,6 +211,8 @@ async def _answer_error(exc: BaseException, context: Context, metrics: MethodMet
 
 
 def _status(error: Pt2ServeError) -> grpc.StatusCode:
+    if isinstance(error, Forwarded):
+        return error.code
     return grpc.StatusCode.UNAUTHENTICATED if isinstance(error, _Unauthenticated) else status_of(error)
 
 

@@ -8,7 +8,6 @@ import dataclasses
 import gc
 import logging
 import pathlib
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -27,7 +26,6 @@ from pt2serve.service.config import (
     DEFAULT_GRPC_PORT,
     DEFAULT_METRICS_PORT,
     SERVER_KEYS,
-    ServerConfig,
     configure,
     parse_model_flag,
 )
@@ -43,6 +41,8 @@ log = logging.getLogger("pt2serve")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    # A supervising `serve` starts its children with the same arguments.
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -83,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
         dest="tls_client_ca_file",
         help="require client certificates signed by this CA (mutual TLS)",
     )
+    serve.add_argument(
+        "--frontends",
+        type=int,
+        help="gRPC front-end processes in front of one engine process (0: one process; default 0)",
+    )
+    serve.add_argument("--role", choices=["engine", "frontend"], help=argparse.SUPPRESS)
+    serve.add_argument("--run-dir", help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
 
     build = sub.add_parser("build", help="export and compile a module into a .pt2 package")
@@ -184,15 +191,29 @@ def _serve(args: argparse.Namespace) -> int:
     for flag in args.model:
         name, path = parse_model_flag(flag)
         models.append(ModelConfig(name=name, package_path=config.resolve(path), num_runners=args.num_runners))
-    if not models:
+    loads_models = args.role == "engine" or (args.role is None and config.frontends == 0)
+    if not models and loads_models:
         from pt2serve.service.demo import demo_package
 
         log.info("no model given: serving the bundled demo model as 'demo' (first run compiles it)")
         models.append(
             ModelConfig(name="demo", package_path=str(demo_package()), num_runners=args.num_runners)
         )
+    config = dataclasses.replace(config, models=tuple(models))
     with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
-        runner.run(_run_server(dataclasses.replace(config, models=tuple(models))))
+        if args.role is not None:
+            from pt2serve.service.supervisor import run_engine, run_frontend
+
+            child = run_engine if args.role == "engine" else run_frontend
+            runner.run(child(config, pathlib.Path(args.run_dir)))
+        elif config.frontends > 0:
+            from pt2serve.service.supervisor import supervise
+
+            return runner.run(supervise(config, args.argv, config.frontends))
+        else:
+            from pt2serve.service.supervisor import run_server
+
+            runner.run(run_server(config))
     return 0
 
 
@@ -220,38 +241,6 @@ def tune_process(gil_switch_interval_us: int, gc_gen0_threshold: int) -> None:
         gc.freeze()
         _, gen1, gen2 = gc.get_threshold()
         gc.set_threshold(gc_gen0_threshold, gen1, gen2)
-
-
-async def _run_server(config: ServerConfig) -> None:
-    from pt2serve.service.metrics import start_metrics_server
-    from pt2serve.service.server import Pt2Server
-
-    server = Pt2Server(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    metrics = None
-    if config.metrics_port:
-        metrics = start_metrics_server(config.host, config.metrics_port, server.registry)
-        log.info("metrics on http://%s:%d/metrics", config.host, metrics.port)
-    try:
-        await server.start()
-        tune_process(config.gil_switch_interval_us, config.gc_gen0_threshold)
-        kind = type(asyncio.get_running_loop())
-        log.info(
-            "ready: %d model(s): %s (event loop: %s.%s)",
-            len(config.models),
-            ", ".join(m.name for m in config.models),
-            kind.__module__,
-            kind.__name__,
-        )
-        await stop.wait()
-        log.info("shutting down: draining for up to %.0fs", config.drain_grace_s)
-    finally:
-        await server.stop()
-        if metrics is not None:
-            metrics.shutdown()
 
 
 # ---------------------------------------------------------------------- build

@@ -18,7 +18,13 @@ from pt2serve.loader.dtypes import BY_TORCH, TYPES
 from pt2serve.loader.errors import InvalidInput, ModelNotFound, Pt2ServeError, shown
 from pt2serve.loader.schema import ModelSchema, TensorSpec
 from pt2serve.scheduler.config import ModelConfig
-from pt2serve.scheduler.dataplane import InferenceOptions, InferenceResult, OnDone, Ticket
+from pt2serve.scheduler.dataplane import (
+    InferenceOptions,
+    InferencePlane,
+    InferenceResult,
+    OnDone,
+    Withdrawable,
+)
 from pt2serve.scheduler.manager import ModelManager
 from pt2serve.scheduler.registry import LoadedModel
 from pt2serve.service.errors import message_of
@@ -175,11 +181,13 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
         is_ready: Callable[[], bool],
         max_tensor_bytes: int | None = None,
         draining: asyncio.Event | None = None,
+        data: InferencePlane | None = None,
     ) -> None:
         self._draining = draining
         self._max_tensor_bytes = max_tensor_bytes
         self._manager = manager
-        self._data = manager.data
+        # Inference goes to `data` when given (a front end's link to the engine).
+        self._data: InferencePlane = manager.data if data is None else data
         self._configured = configured
         self._confine = confine
         self._is_ready = is_ready
@@ -276,7 +284,7 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
         """Answers in request order; a failed request is answered with `error_message`
         and the stream stays open."""
 
-        def submit(request: v2.ModelInferRequest, on_done: OnDone) -> Ticket:
+        def submit(request: v2.ModelInferRequest, on_done: OnDone) -> Withdrawable:
             decode = functools.partial(self._decode, request, context)
             return self._data.submit(request.model_name, decode, on_done)
 

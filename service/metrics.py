@@ -224,9 +224,18 @@ class ModelStateCollector(Collector):
 
 
 class GrpcMetrics:
-    """The standard gRPC server metrics (go-grpc-prometheus names and labels)."""
+    """The standard gRPC server metrics (go-grpc-prometheus names and labels).
+    `uncounted()` counts nothing: the engine's internal server, whose calls the
+    front ends count already."""
+
+    @classmethod
+    def uncounted(cls) -> GrpcMetrics:
+        metrics = cls.__new__(cls)
+        metrics.counted = False
+        return metrics
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.counted = True
         labels = ["grpc_type", "grpc_service", "grpc_method"]
         self.started = Counter(
             "grpc_server_started", "RPCs started on the server.", labels, registry=registry
@@ -258,18 +267,31 @@ class MethodMetrics:
     def __init__(self, metrics: GrpcMetrics, labels: tuple[str, str, str]) -> None:
         self._metrics = metrics
         self._labels = labels
+        self._handled: dict[grpc.StatusCode, Any] = {}
+        if not metrics.counted:
+            self.started = self.received = self.sent = _NOT_COUNTED
+            return
         self.started = metrics.started.labels(*labels)
         self.received = metrics.received.labels(*labels)
         self.sent = metrics.sent.labels(*labels)
         self._seconds = metrics.seconds.labels(*labels)
-        self._handled: dict[grpc.StatusCode, Any] = {}
 
     def finish(self, started: float, code: grpc.StatusCode) -> None:
+        if not self._metrics.counted:
+            return
         handled = self._handled.get(code)
         if handled is None:
             handled = self._handled[code] = self._metrics.handled.labels(*self._labels, code.name)
         handled.inc()
         self._seconds.observe(time.perf_counter() - started)
+
+
+class _NotCounted:
+    def inc(self, amount: float = 1.0) -> None:
+        pass
+
+
+_NOT_COUNTED: Any = _NotCounted()
 
 
 def register_metrics(registry: CollectorRegistry, manager: ModelManager) -> Metrics:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -14,6 +15,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from prometheus_client import CollectorRegistry
 
 from pt2serve.loader.native import clean_stale_extractions
+from pt2serve.scheduler.dataplane import InferencePlane
 from pt2serve.scheduler.manager import ModelManager
 from pt2serve.service.calls import CallPolicy, Registrar
 from pt2serve.service.config import ServerConfig
@@ -50,8 +52,13 @@ def reflection_pool() -> descriptor_pool.DescriptorPool:
 class Pt2Server:
     """Lifecycle: `await start()`, then `await stop()` (drains queued work)."""
 
-    def __init__(self, config: ServerConfig, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, config: ServerConfig, registry: CollectorRegistry | None = None, listen: str | None = None
+    ) -> None:
+        """`listen`: a private address to serve on instead of the configured port,
+        without TLS, token or call metrics (the engine process behind front ends)."""
         self.config = config
+        self._listen = listen
         self.manager = ModelManager()
         if registry is None:
             registry, metrics = new_registry(self.manager)
@@ -59,7 +66,7 @@ class Pt2Server:
             metrics = register_metrics(registry, self.manager)
         self.registry = registry
         self.manager.telemetry = metrics
-        self._grpc_metrics = GrpcMetrics(registry)
+        self._grpc_metrics = GrpcMetrics(registry) if listen is None else GrpcMetrics.uncounted()
         self.health = ModelHealth()
         # Health follows the models, however they are loaded or unloaded.
         self.manager.on_change(self.health.set_serving)
@@ -76,61 +83,27 @@ class Pt2Server:
         cfg = self.config
         for path in clean_stale_extractions():
             log.info("removed %s, left behind by a pt2serve process that no longer runs", path)
-        options: list[tuple[str, int]] = [
-            ("grpc.max_receive_message_length", cfg.max_message_bytes),
-            ("grpc.max_send_message_length", cfg.max_message_bytes),
-        ]
-        if cfg.max_concurrent_streams > 0:
-            options.append(("grpc.max_concurrent_streams", cfg.max_concurrent_streams))
-        if cfg.max_connection_age_s > 0:
-            options += [
-                ("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
-                ("grpc.max_connection_age_grace_ms", int(cfg.max_connection_age_grace_s * 1000)),
-            ]
-        token = read_token(cfg.management_token_file)
-        server = grpc.aio.server(options=options)
+        token = None if self._listen else read_token(cfg.management_token_file)
+        server = new_grpc_server(cfg)
         # Every method is wrapped once, at registration (service/calls.py): no
         # per-call interceptors.
         registrar: Any = Registrar(server, CallPolicy(self._grpc_metrics, token, self._calls))
-        pb_grpc.add_ModelLoaderServicer_to_server(  # type: ignore[no-untyped-call]
-            ModelLoaderServicer(self.manager, cfg.confine, cfg.max_tensor_bytes), registrar
-        )
-        pb_grpc.add_InferenceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(self.manager, cfg.max_tensor_bytes, self.draining), registrar
-        )
-        kserve = KServeServicer(
+        add_services(
+            registrar,
             self.manager,
-            {m.name: m for m in cfg.models},
-            cfg.confine,
-            lambda: self.ready,
-            cfg.max_tensor_bytes,
+            self.manager.data,
+            cfg,
+            self.health,
             self.draining,
+            lambda: self.ready,
         )
-        v2_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, registrar)  # type: ignore[no-untyped-call]
-        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, registrar)
-        names = (*SERVICES, KSERVE_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
-        reflector = reflection.aio.ReflectionServicer(names, pool=reflection_pool())  # type: ignore[attr-defined]
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflector, registrar)
-        address = f"{cfg.host}:{cfg.grpc_port}"
-        if cfg.tls_cert_file and cfg.tls_key_file:
-            credentials = server_credentials(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_client_ca_file)
-            self.port = server.add_secure_port(address, credentials)
-        else:
-            self.port = server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {cfg.host}:{cfg.grpc_port}")
+        self.port = listen(server, cfg, self._listen)
         await self.health.set_server(False)
         await self.health.set_alive()
         await server.start()
         self._server = server
-        security = "mTLS" if cfg.tls_client_ca_file else "TLS" if cfg.tls_cert_file else "plaintext"
-        log.info(
-            "gRPC listening on %s:%d (%s; management %s)",
-            cfg.host,
-            self.port,
-            security,
-            "needs the token" if token else "open: no token configured",
-        )
+        if self._listen is None:
+            log_listening(cfg, self.port, token)
         for model in cfg.models:
             await self.manager.load(model)
         await self.health.set_server(True)
@@ -167,3 +140,69 @@ class Pt2Server:
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def new_grpc_server(cfg: ServerConfig) -> grpc.aio.Server:
+    options: list[tuple[str, int]] = [
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+    ]
+    if cfg.max_concurrent_streams > 0:
+        options.append(("grpc.max_concurrent_streams", cfg.max_concurrent_streams))
+    if cfg.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(cfg.max_connection_age_grace_s * 1000)),
+        ]
+    return grpc.aio.server(options=options)
+
+
+def add_services(
+    registrar: Any,
+    manager: ModelManager,
+    data: InferencePlane,
+    cfg: ServerConfig,
+    health: ModelHealth,
+    draining: asyncio.Event,
+    is_ready: Callable[[], bool],
+) -> None:
+    """Every service pt2serve serves, through `registrar` (service/calls.py)."""
+    pb_grpc.add_ModelLoaderServicer_to_server(  # type: ignore[no-untyped-call]
+        ModelLoaderServicer(manager, cfg.confine, cfg.max_tensor_bytes), registrar
+    )
+    pb_grpc.add_InferenceServicer_to_server(  # type: ignore[no-untyped-call]
+        InferenceServicer(data, cfg.max_tensor_bytes, draining), registrar
+    )
+    kserve = KServeServicer(
+        manager, {m.name: m for m in cfg.models}, cfg.confine, is_ready, cfg.max_tensor_bytes, draining, data
+    )
+    v2_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, registrar)  # type: ignore[no-untyped-call]
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, registrar)
+    names = (*SERVICES, KSERVE_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
+    reflector = reflection.aio.ReflectionServicer(names, pool=reflection_pool())  # type: ignore[attr-defined]
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflector, registrar)
+
+
+def listen(server: grpc.aio.Server, cfg: ServerConfig, address: str | None = None) -> int:
+    """Bind the configured port (TLS as configured), or `address` in plaintext."""
+    if address is not None:
+        port = server.add_insecure_port(address)
+    elif cfg.tls_cert_file and cfg.tls_key_file:
+        credentials = server_credentials(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_client_ca_file)
+        port = server.add_secure_port(f"{cfg.host}:{cfg.grpc_port}", credentials)
+    else:
+        port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {address or f'{cfg.host}:{cfg.grpc_port}'}")
+    return port
+
+
+def log_listening(cfg: ServerConfig, port: int, token: str | None) -> None:
+    security = "mTLS" if cfg.tls_client_ca_file else "TLS" if cfg.tls_cert_file else "plaintext"
+    log.info(
+        "gRPC listening on %s:%d (%s; management %s)",
+        cfg.host,
+        port,
+        security,
+        "needs the token" if token else "open: no token configured",
+    )

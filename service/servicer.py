@@ -18,7 +18,13 @@ from pt2serve.loader import defaults
 from pt2serve.loader.errors import InvalidInput, Pt2ServeError
 from pt2serve.scheduler.config import ModelConfig
 from pt2serve.scheduler.constants import ConstantUpdateResult
-from pt2serve.scheduler.dataplane import InferenceOptions, InferenceResult, OnDone, Ticket
+from pt2serve.scheduler.dataplane import (
+    InferenceOptions,
+    InferencePlane,
+    InferenceResult,
+    OnDone,
+    Withdrawable,
+)
 from pt2serve.scheduler.manager import ModelManager
 from pt2serve.scheduler.registry import LoadedModel
 from pt2serve.service import convert, tensors
@@ -208,12 +214,12 @@ class ModelLoaderServicer(pb_grpc.ModelLoaderServicer):
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(
         self,
-        manager: ModelManager,
+        data: InferencePlane,
         max_tensor_bytes: int | None = None,
         draining: asyncio.Event | None = None,
     ) -> None:
         self._max_tensor_bytes = max_tensor_bytes
-        self._data = manager.data
+        self._data = data
         # Set when the server drains: open streams stop reading and end UNAVAILABLE.
         self._draining = draining
 
@@ -241,7 +247,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         """Answers in completion order, or in request order when the call carries the
         metadata `pt2serve-ordered: true`."""
 
-        def submit(request: pb.RunRequest, on_done: OnDone) -> Ticket:
+        def submit(request: pb.RunRequest, on_done: OnDone) -> Withdrawable:
             decode = functools.partial(self._decode, request, context)
             return self._data.submit(request.model, decode, on_done)
 

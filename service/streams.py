@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Generic, TypeVar
 
 from pt2serve.loader.errors import ExecutionFailed, Pt2ServeError, Unavailable
-from pt2serve.scheduler.dataplane import InferenceResult, OnDone, Ticket
+from pt2serve.scheduler.dataplane import InferenceResult, OnDone, Withdrawable
 
 log = logging.getLogger(__name__)
 Request = TypeVar("Request")
@@ -32,7 +32,7 @@ class StreamProtocol(Generic[Request, Response]):
 
     def __init__(
         self,
-        submit: Callable[[Request, OnDone], Ticket],
+        submit: Callable[[Request, OnDone], Withdrawable],
         answer: Callable[[Request, InferenceResult], Response],
         refuse: Callable[[Request, Pt2ServeError], Response],
     ) -> None:
@@ -52,7 +52,7 @@ async def serve_stream(
     read; those read are answered, and the call ends with UNAVAILABLE, so the client
     sends the rest on a new stream, to a replica that is not draining."""
     answers: _Answers[Response] = _Answers(ordered)
-    tickets: set[Ticket] = set()
+    tickets: set[Withdrawable] = set()
 
     def respond(request: Request, slot: _Slot[Response], outcome: InferenceResult | BaseException) -> None:
         try:
@@ -68,7 +68,10 @@ async def serve_stream(
         answers.fill(slot, protocol.refuse(request, error))
 
     def settled(
-        request: Request, slot: _Slot[Response], mine: list[Ticket], outcome: InferenceResult | BaseException
+        request: Request,
+        slot: _Slot[Response],
+        mine: list[Withdrawable],
+        outcome: InferenceResult | BaseException,
     ) -> None:
         tickets.difference_update(mine)
         respond(request, slot, outcome)
@@ -82,7 +85,7 @@ async def serve_stream(
                 # on is submitted (the client sends it again, unanswered).
                 return True
             slot = answers.reserve()
-            mine: list[Ticket] = []  # filled once submitted; on_done runs later
+            mine: list[Withdrawable] = []  # filled once submitted; on_done runs later
             try:
                 ticket = protocol.submit(request, functools.partial(settled, request, slot, mine))
             except Exception as exc:

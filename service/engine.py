@@ -1,0 +1,201 @@
+"""The engine process: the model registry, the schedulers and runners, and constant
+operations, behind gRPC front-end processes (service/frontend.py).
+
+It listens on two Unix sockets in the run directory the supervisor made (mode 0700):
+
+- `engine.sock`, the data path: front ends send validated requests as frames
+  (service/ipc.py); the engine queues them on the same data plane as the single-
+  process server and writes each answer back on the connection it came from. A
+  connection's frames are read in one pass per wakeup, and the answers of one loop
+  pass leave in one write.
+- `engine-grpc.sock`, every other RPC: a Pt2Server without TLS, token or call
+  metrics (the front end checked and counted the call), which front ends forward
+  to unchanged.
+
+On connect and whenever the models change, each front end is told what is served
+(`EngineState`: readiness, and each model's schema and row limit), so that it can
+refuse bad requests itself and report health that agrees with the engine's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any, cast
+
+import torch
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+
+from pt2serve.loader.errors import ExecutionFailed, Pt2ServeError
+from pt2serve.scheduler.dataplane import InferenceOptions, InferenceResult, Ticket
+from pt2serve.service import ipc
+from pt2serve.service.config import ServerConfig
+from pt2serve.service.metrics import ModelStateCollector
+from pt2serve.service.server import Pt2Server
+
+log = logging.getLogger(__name__)
+DATA_SOCKET = "engine.sock"
+GRPC_SOCKET = "engine-grpc.sock"
+
+
+def data_socket(run_dir: pathlib.Path) -> str:
+    return str(run_dir / DATA_SOCKET)
+
+
+def grpc_address(run_dir: pathlib.Path) -> str:
+    return f"unix:{run_dir / GRPC_SOCKET}"
+
+
+class Engine:
+    def __init__(self, config: ServerConfig, run_dir: pathlib.Path) -> None:
+        self.run_dir = run_dir
+        # The engine's own metrics objects are not served from this registry: in
+        # multiprocess mode their values go to files that `served_registry` reads
+        # together with the front ends'.
+        self.server = Pt2Server(config, CollectorRegistry(), listen=grpc_address(run_dir))
+        self.links: set[_Link] = set()
+        self._data_server: asyncio.AbstractServer | None = None
+
+    @property
+    def manager(self) -> Any:
+        return self.server.manager
+
+    def served_registry(self) -> CollectorRegistry:
+        """/metrics for every process: the multiprocess files (counters and histograms
+        of the engine and every front end, each series once), the engine's live model
+        state, and the engine's process metrics."""
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(ModelStateCollector(self.server.manager))
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        return registry
+
+    async def start(self) -> None:
+        path = data_socket(self.run_dir)
+        for left in (pathlib.Path(path), self.run_dir / GRPC_SOCKET):
+            left.unlink(missing_ok=True)  # left by an engine that crashed
+        loop = asyncio.get_running_loop()
+        self._data_server = await loop.create_unix_server(lambda: _Link(self), path)
+
+        async def changed(model: str, serving: bool) -> None:
+            self.broadcast()
+
+        self.server.manager.on_change(changed)
+        await self.server.start()
+        self.broadcast()
+
+    async def stop(self) -> None:
+        self.server.ready = False
+        self.broadcast()
+        await self.server.stop()
+        if self._data_server is not None:
+            self._data_server.close()
+        for link in list(self.links):
+            link.close()
+
+    def state(self) -> ipc.EngineState:
+        models = {m.name: ipc.ModelView(m.schema, m.batching.row_limit) for m in self.server.manager.models()}
+        return ipc.EngineState(ready=self.server.ready, models=models)
+
+    def broadcast(self) -> None:
+        frame = ipc.pack_state(self.state())
+        for link in self.links:
+            # Written at once, before the answer of the call that changed the models
+            # (LoadModel) can reach its client.
+            link.send(frame, now=True)
+
+
+class _Link(asyncio.Protocol):
+    """One front end's data connection."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._data = engine.server.manager.data
+        self._reader = ipc.FrameReader()
+        self._tickets: dict[int, Ticket] = {}
+        self._out: list[Any] = []
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._engine.links.add(self)
+        self.send(ipc.pack_state(self._engine.state()))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # The front end is gone: withdraw what it was waiting for.
+        self._engine.links.discard(self)
+        tickets, self._tickets = self._tickets, {}
+        for ticket in tickets.values():
+            ticket.cancel()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        for frame in self._reader.feed(data):
+            kind = frame[:1]
+            if kind == ipc.REQUEST:
+                self._request(ipc.unpack_request(frame))
+            elif kind == ipc.CANCEL:
+                ticket = self._tickets.pop(ipc.unpack_id(frame), None)
+                if ticket is not None:
+                    ticket.cancel()
+            else:
+                log.error("front end sent an unknown frame %r; closing its connection", kind)
+                self.close()
+                return
+
+    def _request(self, request: ipc.Request) -> None:
+        request_id = request.request_id
+        options = InferenceOptions(
+            priority=request.priority,
+            timeout_s=request.timeout_s,
+            deadline=request.deadline,
+            output_names=request.output_names,
+        )
+
+        def decode() -> tuple[Mapping[str, torch.Tensor], InferenceOptions]:
+            return request.inputs, options
+
+        def done(outcome: InferenceResult | BaseException) -> None:
+            self._tickets.pop(request_id, None)
+            self._answer(request_id, outcome)
+
+        try:
+            # The front end validated the inputs against the same schema; the data
+            # plane checks them again (a few comparisons), in case the model was
+            # replaced while the request was on its way.
+            self._tickets[request_id] = self._data.submit(request.model, decode, done)
+        except Pt2ServeError as exc:
+            self.send(ipc.pack_error(request_id, exc))
+
+    def _answer(self, request_id: int, outcome: InferenceResult | BaseException) -> None:
+        if isinstance(outcome, InferenceResult):
+            self.send(ipc.pack_result(request_id, outcome.constants_version, outcome.outputs))
+            return
+        if not isinstance(outcome, Pt2ServeError):
+            log.error("request failed: %r", outcome)
+            outcome = ExecutionFailed(f"internal error: {outcome}")
+        self.send(ipc.pack_error(request_id, outcome))
+
+    def send(self, frame: list[Any], now: bool = False) -> None:
+        """Queue a frame; the frames of one loop pass leave in one write."""
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.extend(frame)
+        if now:
+            self._flush()
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(out)

@@ -1,0 +1,313 @@
+"""`pt2serve serve --frontends N`: one parent process that owns an engine process
+and N front-end processes sharing the gRPC port (SO_REUSEPORT, which grpc sets).
+
+- The parent starts the engine and the front ends, each a `pt2serve serve` of the
+  same arguments with a hidden `--role`, and logs `ready:` once the engine has
+  loaded its models and every front end is connected to it.
+- A child that exits while the server runs is started again (after 0.5 s, doubling
+  up to 10 s while it keeps failing within a minute of its start). While the engine
+  is away, front ends answer UNAVAILABLE and report NOT_SERVING; models loaded at run
+  time through LoadModel are not loaded again by a restarted engine, the configured
+  ones are.
+- SIGTERM (or SIGINT): the front ends drain first (NOT_SERVING, refuse new work,
+  finish what they accepted), then the engine stops; the parent exits 0.
+- Every child gets PROMETHEUS_MULTIPROC_DIR, a directory in the run directory: the
+  engine serves /metrics for all of them (service/engine.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pt2serve.service.config import ServerConfig
+
+log = logging.getLogger("pt2serve.supervisor")
+NOTIFY_ENV = "PT2SERVE_NOTIFY_FD"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+FIRST_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 10.0
+STABLE_S = 60.0
+
+
+def notify(message: str) -> None:
+    """Tell the supervising parent (if any) something: one line on its pipe."""
+    fd = os.environ.get(NOTIFY_ENV)
+    if fd:
+        with contextlib.suppress(OSError):
+            os.write(int(fd), f"{message}\n".encode())
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGTERM this child when its parent dies (even by SIGKILL), so no
+    engine or front end outlives the supervisor."""
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() == 1:  # the parent died before prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Child:
+    def __init__(self, role: str, argv: list[str], env: dict[str, str]) -> None:
+        self.role = role
+        self.argv = argv
+        self.env = env
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ready = asyncio.Event()
+        self.starts = 0
+        self.backoff_s = FIRST_BACKOFF_S
+
+    async def start(self) -> None:
+        read_fd, write_fd = os.pipe()
+        self.starts += 1
+        self.ready.clear()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "pt2serve.service.cli",
+                *self.argv,
+                env={**self.env, NOTIFY_ENV: str(write_fd)},
+                pass_fds=(write_fd,),
+            )
+        finally:
+            os.close(write_fd)
+        log.info("%s started (pid %d)", self.role, self.proc.pid)
+        asyncio.ensure_future(self._listen(read_fd))
+
+    async def _listen(self, read_fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb")
+        )
+        try:
+            async for line in reader:
+                if line.strip() == b"ready":
+                    self.ready.set()
+        finally:
+            transport.close()
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(sig)
+
+
+def reserve_port(host: str, port: int) -> tuple[socket.socket | None, int]:
+    """The port the front ends share. Port 0 picks one: a socket bound to it with
+    SO_REUSEPORT (never listening, so it takes no connections) holds it for as long
+    as the server runs, restarts of front ends included."""
+    if port != 0:
+        return None, port
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    holder = socket.socket(family, kind, proto)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind(address)
+    return holder, int(holder.getsockname()[1])
+
+
+async def supervise(config: ServerConfig, argv: Sequence[str], frontends: int) -> int:
+    run_dir = pathlib.Path(tempfile.mkdtemp(prefix="pt2serve-"))  # mode 0700
+    metrics_dir = run_dir / "metrics"
+    metrics_dir.mkdir()
+    holder, port = reserve_port(config.host, config.grpc_port)
+    # A model's OpenMP threads would otherwise spin for a while after each batch,
+    # taking CPU the front ends need (measured: docs/performance.md).
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, MULTIPROC_ENV: str(metrics_dir)}
+    common = [*argv, "--run-dir", str(run_dir), "--grpc-port", str(port)]
+    engine = Child("engine", [*common, "--role", "engine"], env)
+    fronts = [Child(f"frontend {i}", [*common, "--role", "frontend"], env) for i in range(frontends)]
+    children = [engine, *fronts]
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        for child in children:
+            await child.start()
+        watchers = [asyncio.ensure_future(_watch(child, stopping)) for child in children]
+        ready: asyncio.Future[Any] = asyncio.ensure_future(_all_ready(children))
+        stop_wait: asyncio.Future[Any] = asyncio.ensure_future(stopping.wait())
+        await asyncio.wait([ready, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+        if ready.done():
+            log.info(
+                "ready: %d model(s): %s (gRPC on %s:%d, %d front end(s), engine pid %d)",
+                len(config.models) or 1,
+                ", ".join(m.name for m in config.models) or "demo",
+                config.host,
+                port,
+                frontends,
+                engine.proc.pid if engine.proc else 0,
+            )
+        else:
+            ready.cancel()
+        await stopping.wait()
+        log.info("shutting down: front ends drain first (up to %.0fs), then the engine", config.drain_grace_s)
+        for child in fronts:
+            child.signal(signal.SIGTERM)
+        await asyncio.gather(*(_exited(c) for c in fronts))
+        engine.signal(signal.SIGTERM)
+        await _exited(engine)
+        for watcher in watchers:
+            watcher.cancel()
+        codes = {c.role: _clean(c) for c in children if c.proc is not None}
+        log.info("stopped: exit codes %s", codes)
+        return 0 if all(code == 0 for code in codes.values()) else 1
+    finally:
+        for child in children:
+            child.signal(signal.SIGKILL)
+        if holder is not None:
+            holder.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _clean(child: Child) -> int | None:
+    """A child's exit code; 0 for one that was still starting when SIGTERM came (it
+    had accepted nothing, and had no handler yet to drain with)."""
+    assert child.proc is not None
+    code = child.proc.returncode
+    if code == -signal.SIGTERM and not child.ready.is_set():
+        log.info("%s was stopped while starting", child.role)
+        return 0
+    return code
+
+
+async def _all_ready(children: list[Child]) -> None:
+    for child in children:
+        await child.ready.wait()
+
+
+async def _exited(child: Child) -> None:
+    if child.proc is not None:
+        await child.proc.wait()
+
+
+async def _watch(child: Child, stopping: asyncio.Event) -> None:
+    """Start `child` again whenever it exits before shutdown."""
+    while True:
+        assert child.proc is not None
+        started = time.monotonic()
+        code = await child.proc.wait()
+        if stopping.is_set():
+            return
+        if time.monotonic() - started > STABLE_S:
+            child.backoff_s = FIRST_BACKOFF_S
+        log.error("%s exited with %s; starting it again in %.1fs", child.role, code, child.backoff_s)
+        try:
+            await asyncio.wait_for(stopping.wait(), child.backoff_s)
+            return
+        except TimeoutError:
+            pass
+        child.backoff_s = min(child.backoff_s * 2, MAX_BACKOFF_S)
+        await child.start()
+        asyncio.ensure_future(_announce(child))
+
+
+async def _announce(child: Child) -> None:
+    await child.ready.wait()
+    log.info("%s is back (pid %d)", child.role, child.proc.pid if child.proc else 0)
+
+
+async def run_server(config: ServerConfig) -> None:
+    """One process serves everything (`frontends = 0`)."""
+    from pt2serve.service.cli import tune_process
+    from pt2serve.service.metrics import start_metrics_server
+    from pt2serve.service.server import Pt2Server
+
+    server = Pt2Server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    metrics = None
+    if config.metrics_port:
+        metrics = start_metrics_server(config.host, config.metrics_port, server.registry)
+        log.info("metrics on http://%s:%d/metrics", config.host, metrics.port)
+    try:
+        await server.start()
+        tune_process(config.gil_switch_interval_us, config.gc_gen0_threshold)
+        kind = type(asyncio.get_running_loop())
+        log.info(
+            "ready: %d model(s): %s (event loop: %s.%s)",
+            len(config.models),
+            ", ".join(m.name for m in config.models),
+            kind.__module__,
+            kind.__name__,
+        )
+        await stop.wait()
+        log.info("shutting down: draining for up to %.0fs", config.drain_grace_s)
+    finally:
+        await server.stop()
+        if metrics is not None:
+            metrics.shutdown()
+
+
+async def run_engine(config: ServerConfig, run_dir: pathlib.Path) -> None:
+    from pt2serve.service.cli import tune_process
+    from pt2serve.service.engine import Engine
+    from pt2serve.service.metrics import start_metrics_server
+
+    die_with_parent()
+    engine = Engine(config, run_dir)
+    stop = _stop_on_sigterm()
+    metrics = None
+    if config.metrics_port:
+        metrics = start_metrics_server(config.host, config.metrics_port, engine.served_registry())
+        log.info("metrics on http://%s:%d/metrics (every process)", config.host, metrics.port)
+    try:
+        await engine.start()
+        tune_process(config.gil_switch_interval_us, config.gc_gen0_threshold)
+        notify("ready")
+        log.info("engine up with %d model(s)", len(config.models))
+        await stop.wait()
+    finally:
+        await engine.stop()
+        if metrics is not None:
+            metrics.shutdown()
+
+
+async def run_frontend(config: ServerConfig, run_dir: pathlib.Path) -> None:
+    from pt2serve.service.cli import tune_process
+    from pt2serve.service.frontend import FrontEnd
+
+    die_with_parent()
+    front = FrontEnd(config, run_dir)
+    stop = _stop_on_sigterm()
+    try:
+        await front.start()
+        tune_process(config.gil_switch_interval_us, config.gc_gen0_threshold)
+        waiting = asyncio.ensure_future(front.wait_ready())
+        await asyncio.wait([waiting, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if waiting.done():
+            notify("ready")
+        else:
+            waiting.cancel()
+        await stop.wait()
+        log.info("front end draining")
+    finally:
+        await front.stop()
+
+
+def _stop_on_sigterm() -> asyncio.Event:
+    """SIGTERM stops a child; SIGINT (a terminal's Ctrl-C reaches the whole process
+    group) is left to the parent, which stops the children in order."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)
+    return stop
