@@ -13,23 +13,15 @@ end drains; liveness stays SERVING while the process runs.
 from __future__ import annotations
 
 import asyncio
-import functools
-import itertools
 import logging
 import pathlib
 import time
-from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry
 
-from pt2serve.loader.errors import ErrorKind, Pt2ServeError, Unavailable
-from pt2serve.scheduler.dataplane import Decode, InferenceResult, OnDone, accept
 from pt2serve.scheduler.manager import ModelManager
-from pt2serve.scheduler.registry import UNKNOWN_MODEL_LABEL
-from pt2serve.scheduler.telemetry import Telemetry
-from pt2serve.service import ipc
 from pt2serve.service.calls import CallPolicy, Registrar
 from pt2serve.service.config import ServerConfig
 from pt2serve.service.engine import data_socket, grpc_address
@@ -37,226 +29,11 @@ from pt2serve.service.errors import CallsInFlight
 from pt2serve.service.forward import forwarding, served_here
 from pt2serve.service.health import ModelHealth
 from pt2serve.service.metrics import GrpcMetrics, Metrics
+from pt2serve.service.remote import EnginePlane
 from pt2serve.service.security import read_token
 from pt2serve.service.server import DRAIN_QUIET_S, add_services, listen, log_listening, new_grpc_server
 
 log = logging.getLogger(__name__)
-RECONNECT_S = 0.05
-
-
-class _Pending:
-    __slots__ = ("future", "on_done", "label", "started")
-
-    def __init__(self, future: asyncio.Future[InferenceResult], on_done: OnDone | None, label: str) -> None:
-        self.future = future
-        self.on_done = on_done
-        self.label = label
-        self.started = time.monotonic()
-
-
-class RemoteTicket:
-    __slots__ = ("_plane", "_id", "future")
-
-    def __init__(self, plane: EnginePlane, request_id: int, future: asyncio.Future[InferenceResult]) -> None:
-        self._plane = plane
-        self._id = request_id
-        self.future = future
-
-    def cancel(self) -> None:
-        self._plane.withdraw(self._id)
-
-
-class EnginePlane:
-    """The data plane of a front end: `infer` and `submit` as `DataPlane` has them,
-    answered by the engine process."""
-
-    def __init__(self, telemetry: Telemetry) -> None:
-        self.state = ipc.EngineState()
-        self.connected = False
-        # Set while draining: new requests are refused with UNAVAILABLE.
-        self.closing = False
-        self._telemetry = telemetry
-        self._ids = itertools.count(1)
-        self._pending: dict[int, _Pending] = {}
-        self._link: _EngineLink | None = None
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self.changed: Callable[[], None] = lambda: None
-
-    @property
-    def ready(self) -> bool:
-        return self.connected and self.state.ready and not self.closing
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._pending)
-
-    async def infer(self, model: str, decode: Decode) -> InferenceResult:
-        request_id = self._send(model, decode, None)
-        future = self._pending[request_id].future
-        try:
-            return await future
-        except asyncio.CancelledError:
-            self.withdraw(request_id)
-            raise
-
-    def submit(self, model: str, decode: Decode, on_done: OnDone | None = None) -> RemoteTicket:
-        request_id = self._send(model, decode, on_done)
-        return RemoteTicket(self, request_id, self._pending[request_id].future)
-
-    def _send(self, model: str, decode: Decode, on_done: OnDone | None) -> int:
-        view = self.state.models.get(model)
-        label = model if view is not None else UNKNOWN_MODEL_LABEL
-        try:
-            if self.closing:
-                raise Unavailable("the server is shutting down")
-            link = self._link
-            if link is None or not self.state.ready:
-                raise Unavailable("the engine process is not ready (starting or restarting); try again")
-            inputs, options = decode()
-            if view is not None:
-                ordered = accept(view.schema, model, inputs, options, view.row_limit)
-                inputs = dict(zip(view.schema.input_names, ordered, strict=True))
-            # A model this front end has not heard of yet (loaded a moment ago
-            # through another front end) is the engine's to find or refuse.
-            frame = ipc.pack_request(
-                request_id := next(self._ids),
-                model,
-                inputs,
-                priority=options.priority,
-                timeout_s=options.timeout_s,
-                deadline=options.deadline,
-                output_names=options.output_names,
-            )
-        except Pt2ServeError as exc:
-            self._telemetry.request_finished(label, exc.kind, 0.0)
-            raise
-        future: asyncio.Future[InferenceResult] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = _Pending(future, on_done, label)
-        self._idle.clear()
-        link.send(frame)
-        return request_id
-
-    def withdraw(self, request_id: int) -> None:
-        pending = self._pop(request_id)
-        if pending is None:
-            return
-        pending.future.cancel()
-        if self._link is not None:
-            self._link.send(ipc.pack_cancel(request_id))
-
-    def _pop(self, request_id: int) -> _Pending | None:
-        pending = self._pending.pop(request_id, None)
-        if not self._pending:
-            self._idle.set()
-        return pending
-
-    def answered(self, request_id: int, outcome: InferenceResult | Pt2ServeError) -> None:
-        pending = self._pop(request_id)
-        if pending is None:
-            return  # withdrawn meanwhile
-        if isinstance(outcome, InferenceResult):
-            pending.future.set_result(outcome)
-        else:
-            pending.future.set_exception(outcome)
-            pending.future.exception()  # retrieved: a stream may hear it via on_done only
-        if pending.on_done is not None:
-            pending.on_done(outcome)
-
-    def attach(self, link: _EngineLink) -> None:
-        self._link = link
-        self.connected = True
-
-    def detach(self) -> None:
-        """The engine is gone: every request it held is answered UNAVAILABLE, so
-        clients send it again (to this server once the engine is back, or another)."""
-        self._link = None
-        self.connected = False
-        self.state = ipc.EngineState()
-        pending, self._pending = self._pending, {}
-        self._idle.set()
-        for entry in pending.values():
-            self._telemetry.request_finished(
-                entry.label, ErrorKind.UNAVAILABLE, time.monotonic() - entry.started
-            )
-            error = Unavailable("the engine process stopped before answering; try again")
-            entry.future.set_exception(error)
-            entry.future.exception()
-            if entry.on_done is not None:
-                entry.on_done(error)
-        self.changed()
-
-    def set_state(self, state: ipc.EngineState) -> None:
-        self.state = state
-        self.changed()
-
-    async def wait_idle(self, deadline: float) -> bool:
-        try:
-            await asyncio.wait_for(self._idle.wait(), max(deadline - time.monotonic(), 0.0))
-        except TimeoutError:
-            return False
-        return True
-
-    async def connect(self, path: str, stop: asyncio.Event) -> None:
-        """Stay connected to the engine until `stop`; reconnect whenever it restarts."""
-        loop = asyncio.get_running_loop()
-        logged = False
-        while not stop.is_set():
-            lost: asyncio.Future[None] = loop.create_future()
-            try:
-                await loop.create_unix_connection(functools.partial(_EngineLink, self, lost), path)
-            except OSError:
-                if not logged:
-                    log.info("waiting for the engine at %s", path)
-                    logged = True
-                await asyncio.sleep(RECONNECT_S)  # no event to wait on: the engine is another process
-                continue
-            logged = False
-            log.info("connected to the engine")
-            await lost
-            log.warning("lost the engine connection; answering UNAVAILABLE until it is back")
-
-
-class _EngineLink(asyncio.Protocol):
-    def __init__(self, plane: EnginePlane, lost: asyncio.Future[None]) -> None:
-        self._plane = plane
-        self._lost = lost
-        self._reader = ipc.FrameReader()
-        self._out: list[Any] = []
-        self._transport: asyncio.Transport | None = None
-        self._loop = asyncio.get_running_loop()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self._plane.attach(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        self._plane.detach()
-        if not self._lost.done():
-            self._lost.set_result(None)
-
-    def data_received(self, data: bytes) -> None:
-        plane = self._plane
-        for frame in self._reader.feed(data):
-            kind = frame[:1]
-            if kind == ipc.RESULT:
-                request_id, version, outputs = ipc.unpack_result(frame)
-                plane.answered(request_id, InferenceResult(outputs, version))
-            elif kind == ipc.ERROR:
-                plane.answered(*ipc.unpack_error(frame))
-            elif kind == ipc.STATE:
-                plane.set_state(ipc.unpack_state(frame))
-
-    def send(self, frame: list[Any]) -> None:
-        if not self._out:
-            self._loop.call_soon(self._flush)
-        self._out.extend(frame)
-
-    def _flush(self) -> None:
-        out, self._out = self._out, []
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.writelines(out)
 
 
 class FrontEnd:
