@@ -22,6 +22,7 @@ import dataclasses
 import os
 import pathlib
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -367,7 +368,11 @@ def ceiling_in_subprocess(model: BenchModel, runners: int, duration: float, env:
 
 # ------------------------------------------------------------------ report
 def write_report(
-    samples: list[Sample], ceilings: dict[str, float], args: argparse.Namespace, out: pathlib.Path
+    samples: list[Sample],
+    ceilings: dict[str, float],
+    args: argparse.Namespace,
+    out: pathlib.Path,
+    unary_table: str = "",
 ) -> list[str]:
     def find(model: str, server: str, mode: str, concurrency: int) -> Sample | None:
         for s in samples:
@@ -442,7 +447,26 @@ def write_report(
         "- Models: `demo` (16→32→4 MLP, overhead-bound); `ffn` (two 512→2048→512 feed-forward "
         "blocks, 17 MB of weights, compute-bound)",
         "",
-        "## Targets (ratios from this run, " + mode + ")",
+        *(
+            [
+                "## Unary, from h2load (the primary mode)",
+                "",
+                "Single-row native `Run` requests, pre-serialised, from h2load (64 in flight = 4",
+                "connections × 16 streams; 1 in flight). Servers: the null server (one process);",
+                "pt2serve in one process; pt2serve with an engine process behind 1 and 2 front",
+                "ends; batching off (2 front ends, max_batch_size 1). CPU/request: user + system",
+                "CPU of every process of the server (supervisor, engine, front ends) per answered",
+                f"request. Medians of {args.rounds} rounds of {args.unary_requests:,} requests",
+                "(1/6 as many at 1 in flight), the servers taking turns. × best possible: the",
+                "share of 1/(1/N + 1/C) below.",
+                "",
+                unary_table,
+                "",
+            ]
+            if unary_table
+            else []
+        ),
+        "## Streams: targets (ratios from this run, " + mode + ")",
         "",
         "| what | measured | target | |",
         "| --- | --- | --- | --- |",
@@ -539,6 +563,12 @@ def main() -> None:
     parser.add_argument("--target-mode", default="stream", choices=["unary", "stream"])
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument(
+        "--unary-requests",
+        type=int,
+        default=20_000,
+        help="h2load requests per unary run at 64 in flight (0: skip the h2load unary section)",
+    )
+    parser.add_argument(
         "--ceiling-of", nargs=4, metavar=("PATH", "WIDTH", "RUNNERS", "SECONDS"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -582,7 +612,19 @@ def main() -> None:
                 samples += measure(
                     model, targets, modes, concurrencies, args.warmup, args.duration, args.rounds
                 )
-    verdicts = write_report(samples, ceilings, args, pathlib.Path(args.out))
+    unary_table = ""
+    if args.unary_requests:
+        # The primary mode: unary, as most clients call, from h2load (bench/unary.py).
+        from bench import unary
+
+        if shutil.which("h2load") is None:
+            raise SystemExit("h2load not found (apt-get install nghttp2-client), or pass --unary-requests 0")
+        unary_args = argparse.Namespace(rounds=args.rounds, requests=args.unary_requests)
+        models = [m for m in bench_models() if m.name in wanted]
+        rows = unary.run_all(models, unary.SERVERS, [64, 1], unary_args)
+        unary_table = unary.report(rows, ceilings)
+        print(unary_table, flush=True)
+    verdicts = write_report(samples, ceilings, args, pathlib.Path(args.out), unary_table)
     print("\n".join(verdicts))
 
 

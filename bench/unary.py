@@ -153,11 +153,14 @@ def measure(
     return list(rows.values())
 
 
-def report(rows: list[Row]) -> str:
+def report(rows: list[Row], ceilings: dict[str, float] | None = None) -> str:
+    """The table; with the models' in-process ceilings (rows/s at full batch), also
+    each server's share of the best possible rate, 1/(1/N + 1/C) (bench.run)."""
+    ceilings = ceilings or {}
     lines = [
-        "| model | server | in flight | req/s (median) | rounds | × null | mean latency | "
+        "| model | server | in flight | req/s (median) | rounds | × null | × best possible | mean latency | "
         "CPU/request | × null CPU | mean batch | failed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     null = {(r.model, r.in_flight): r for r in rows if r.server == "null"}
     for row in rows:
@@ -167,13 +170,47 @@ def report(rows: list[Row]) -> str:
         ratio = f"{rate / statistics.median(base.rates):.2f}" if base else "-"
         cpu_ratio = f"{cpu / statistics.median(base.cpu_us):.2f}" if base else "-"
         batch = f"{statistics.median(row.batch):.1f}" if row.batch else "-"
+        best = "-"
+        if base and row.model in ceilings:
+            possible = 1.0 / (1.0 / statistics.median(base.rates) + 1.0 / ceilings[row.model])
+            best = f"{rate / possible:.0%}"
         lines.append(
             f"| {row.model} | {row.server} | {row.in_flight} | {rate:,.0f} | "
-            f"{', '.join(f'{r:,.0f}' for r in row.rates)} | {ratio} | "
+            f"{', '.join(f'{r:,.0f}' for r in row.rates)} | {ratio} | {best} | "
             f"{statistics.median(row.means_ms):.2f} ms | {cpu:.0f} µs | {cpu_ratio} | {batch} | "
             f"{row.failed} |"
         )
     return "\n".join(lines)
+
+
+SERVERS = ("null", "1 process", "1 front end", "2 front ends", "no-batching")
+
+
+def run_all(
+    models: Sequence[BenchModel], servers: Sequence[str], in_flight: Sequence[int], args: argparse.Namespace
+) -> list[Row]:
+    """Every server of `servers` for each model, side by side, taking turns. `args`
+    carries `rounds` and `requests`."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as config_dir:
+        for model in models:
+            null_argv = [sys.executable, "-m", "bench.null_server", "--output-width", str(model.out_width)]
+            argvs = {
+                "null": (null_argv, "null server listening"),
+                "1 process": (pt2serve_argv(model, MAX_BATCH, 1, config_dir), "ready:"),
+                "1 front end": (pt2serve_argv(model, MAX_BATCH, 1, config_dir, frontends=1), "ready:"),
+                "2 front ends": (pt2serve_argv(model, MAX_BATCH, 1, config_dir, frontends=2), "ready:"),
+                "no-batching": (pt2serve_argv(model, 1, 1, config_dir, frontends=2), "ready:"),
+            }
+            with ExitStack() as stack:
+                running = {}
+                for name in servers:
+                    argv, ready = argvs[name]
+                    process = stack.enter_context(server_process(argv, ready, env))
+                    running[name] = (process.target, process.pid)
+                rows += measure(model, running, in_flight, args)
+    return rows
 
 
 def main() -> None:
@@ -185,34 +222,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=20_000, help="per run at 64 in flight (1/6 at 1)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-unary.md"), help="'' to skip")
-    parser.add_argument(
-        "--servers",
-        default="null,1 process,1 front end,2 front ends,no-batching",
-        help="which of the servers to run",
-    )
+    parser.add_argument("--servers", default=",".join(SERVERS), help="which of the servers to run")
     args = parser.parse_args()
     if shutil.which("h2load") is None:
         raise SystemExit("h2load not found: apt-get install nghttp2-client")
+    models = [m for m in bench_models() if m.name in args.models.split(",")]
     in_flight = [int(n) for n in args.in_flight.split(",")]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    rows: list[Row] = []
-    with tempfile.TemporaryDirectory() as config_dir:
-        for model in [m for m in bench_models() if m.name in args.models.split(",")]:
-            null_argv = [sys.executable, "-m", "bench.null_server", "--output-width", str(model.out_width)]
-            argvs = {
-                "null": (null_argv, "null server listening"),
-                "1 process": (pt2serve_argv(model, MAX_BATCH, 1, config_dir), "ready:"),
-                "1 front end": (pt2serve_argv(model, MAX_BATCH, 1, config_dir, frontends=1), "ready:"),
-                "2 front ends": (pt2serve_argv(model, MAX_BATCH, 1, config_dir, frontends=2), "ready:"),
-                "no-batching": (pt2serve_argv(model, 1, 1, config_dir, frontends=2), "ready:"),
-            }
-            with ExitStack() as stack:
-                servers = {}
-                for name in args.servers.split(","):
-                    argv, ready = argvs[name]
-                    running = stack.enter_context(server_process(argv, ready, env))
-                    servers[name] = (running.target, running.pid)
-                rows += measure(model, servers, in_flight, args)
+    rows = run_all(models, args.servers.split(","), in_flight, args)
     table = report(rows)
     print(table)
     if args.out:
