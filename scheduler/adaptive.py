@@ -3,18 +3,24 @@ batch costs (the idea of Clipper's adaptive batching and TF Serving's batch time
 without a constant per model).
 
 It learns two things as the model serves:
-- what a batch costs: running averages of rows and compute seconds per power-of-two
-  bucket of batch sizes (1, 2-3, 4-7, ...), fitted to `fixed + per_row * rows`;
-- the arrival rate: a running average of the gaps between requests.
+- what a batch costs: running averages of rows and seconds per power-of-two bucket
+  of batch sizes (1, 2-3, 4-7, ...), fitted to `fixed + per_row * rows`. The
+  seconds are the batch's whole turn as the scheduler sees it (thread hand-offs
+  included), not only the model's compute;
+- how fast requests arrive *while others are still waiting or running*: a running
+  average of the gaps between arrivals, times the share of arrivals that found the
+  scheduler busy. A closed-loop client with one request in flight never arrives
+  while its own request is out, so it counts for nothing: waiting for it would only
+  add latency.
 
 When a runner is free and the queue holds fewer rows than a batch can, it waits
-(at most one batch's cost, and never past `bound_s` since the oldest request
-arrived) only if
+(never past `bound_s` since the oldest request arrived) only if
 - at least one more request is expected meanwhile: a lone request on an idle
   server goes at once; and
 - the fitted cost per row of the fuller batch is at least 10 % lower (`GAIN`):
   waiting buys throughput only when a batch's cost grows slower than its size
   (a fixed part per batch: kernel launches, thread hand-offs, Python).
+It waits just long enough for the rows it expects.
 
 Until batches of two different sizes have been measured it does not wait; sizes
 vary with load by themselves (the queue grows while a runner is busy).
@@ -38,13 +44,17 @@ class AdaptiveWait:
         self.fit: tuple[float, float] | None = None
         self._gap_s: float | None = None
         self._last_arrival: float | None = None
+        # Share of arrivals that found other requests queued or running.
+        self._overlap = 0.0
 
-    def arrived(self, now: float) -> None:
-        """A request arrived at `now` (the scheduler's clock)."""
+    def arrived(self, now: float, busy: bool) -> None:
+        """A request arrived at `now` (the scheduler's clock); `busy`: others were
+        queued or running then."""
         if self._last_arrival is not None:
             gap = max(now - self._last_arrival, 0.0)
             self._gap_s = gap if self._gap_s is None else self._gap_s + ALPHA * (gap - self._gap_s)
         self._last_arrival = now
+        self._overlap += ALPHA * ((1.0 if busy else 0.0) - self._overlap)
 
     def ran(self, rows: int, seconds: float) -> None:
         """A batch of `rows` took `seconds` to compute."""
@@ -61,10 +71,11 @@ class AdaptiveWait:
 
     @property
     def rate(self) -> float:
-        """Requests per second, lately (0 before two have arrived)."""
+        """Requests per second that arrive while others are out, lately (0 before two
+        have arrived)."""
         if self._gap_s is None:
             return 0.0
-        return 1.0 / self._gap_s if self._gap_s > 0 else float("inf")
+        return self._overlap / self._gap_s if self._gap_s > 0 else float("inf")
 
     def hold(self, rows: int, age_s: float) -> float:
         """Seconds to wait before dispatching `rows` waiting rows whose oldest request
@@ -73,7 +84,7 @@ class AdaptiveWait:
         if remaining <= 0 or rows >= self.limit or self.fit is None or rows < 1:
             return 0.0
         fixed, per_row = self.fit
-        window = min(remaining, fixed + per_row * rows)
+        window = remaining
         rate = self.rate
         expected = rate * window
         if expected < 1:

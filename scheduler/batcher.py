@@ -207,9 +207,9 @@ class ModelScheduler:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[RunResult] = loop.create_future()
         req = PendingRequest(inputs, rows, bucket, priority, deadline, future, now, on_done=on_done)
-        self._queue.push(req)
         if self.adaptive is not None:
-            self.adaptive.arrived(now)
+            self.adaptive.arrived(now, self._queue.size > 0 or self._in_flight > 0)
+        self._queue.push(req)
         timer = None if deadline is None else loop.call_later(deadline - now, self._expire, req)
         future.add_done_callback(functools.partial(self._settled, req, timer))
         self._dispatch()
@@ -290,7 +290,8 @@ class ModelScheduler:
             slot.batches += 1
             self._telemetry.batch_finished(self.name, slot.label, rows, waits, compute[0], error is None)
             if self.adaptive is not None and error is None:
-                self.adaptive.ran(rows, compute[0])
+                # The batch's whole turn, hand-offs to and from the worker included.
+                self.adaptive.ran(rows, self._clock() - now)
             self._finish(slot, batch, version, results, error)
 
         self._workers.submit(job, done)

@@ -54,8 +54,8 @@ def simulate(
     while events:
         now, _, kind = heapq.heappop(events)
         if kind == "arrive":
+            adaptive.arrived(now, busy or queue.size > 0)
             queue.push(PendingRequest(inputs, 1, BUCKET, 0, None, loop.create_future(), now))
-            adaptive.arrived(now)
         elif kind == "done":
             busy = False
             free_since = now
@@ -128,10 +128,27 @@ def test_waits_when_a_batch_costs_about_the_same_at_any_size(loop: asyncio.Abstr
 def test_hold_never_exceeds_what_is_left_of_the_bound() -> None:
     adaptive = AdaptiveWait(0.002, LIMIT)
     for i in range(50):
-        adaptive.arrived(i * 1e-5)
+        adaptive.arrived(i * 1e-5, busy=True)
     adaptive.ran(1, 0.005)
     adaptive.ran(16, 0.005)
     assert 0 < adaptive.hold(1, 0.0) <= 0.002
     assert 0 < adaptive.hold(1, 0.0015) <= 0.0005 + 1e-12
     assert adaptive.hold(1, 0.002) == 0
     assert adaptive.hold(LIMIT, 0.0) == 0
+
+
+def test_a_closed_loop_client_with_one_request_in_flight_never_waits(loop: asyncio.AbstractEventLoop) -> None:
+    # The next request arrives only after the answer: nothing ever arrives while
+    # another is out, so waiting could only add latency.
+    adaptive = AdaptiveWait(0.002, LIMIT)
+    queue = RequestQueue("m", BatchingConfig(max_batch_size=LIMIT), True, adaptive)
+    now = 0.0
+    for _ in range(500):
+        adaptive.arrived(now, busy=False)
+        queue.push(PendingRequest([torch.zeros(1, 4)], 1, BUCKET, 0, None, loop.create_future(), now))
+        batch, wait = queue.take(now)
+        assert batch is not None and wait is None
+        cost = 1e-3  # the same whatever the size: waiting would pay if anyone came
+        adaptive.ran(len(batch), cost)
+        adaptive.ran(LIMIT, cost)
+        now += cost + 50e-6  # answered, then the client sends its next request

@@ -137,6 +137,17 @@ def test_answers_through_every_front_end_equal_eager(server: Replica) -> None:
             answer = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
             logits = torch.frombuffer(bytearray(answer.raw_output_contents[0]), dtype=torch.float32)
             torch.testing.assert_close(logits.reshape(3, 4), expected)
+            stream_request = v2.ModelInferRequest(model_name="demo", id="k")
+            stream_request.inputs.add(name="x", datatype="FP32", shape=[3, 16])
+            stream_request.raw_input_contents.append(x.numpy().tobytes())
+            (kserve_answer,) = list(
+                v2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter([stream_request]), timeout=30)
+            )
+            assert not kserve_answer.error_message, kserve_answer.error_message
+            raw = kserve_answer.infer_response.raw_output_contents[0]
+            torch.testing.assert_close(
+                torch.frombuffer(bytearray(raw), dtype=torch.float32).reshape(3, 4), expected
+            )
             rows = [x[r : r + 1] for r in range(3)]
             streamed = list(
                 native.RunStream(
