@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from contextlib import ExitStack
 
 from bench.run import (
     BenchModel,
@@ -46,17 +47,33 @@ def thread_kind(pid: int, tid: int, name: str) -> str:
     return "other threads (gRPC poller, metrics)"
 
 
-def cpu_by_kind(pid: int) -> dict[str, float]:
-    """Seconds of CPU each kind of thread of `pid` has used so far."""
-    totals: dict[str, float] = defaultdict(float)
+def processes(pid: int) -> list[tuple[int, str]]:
+    """`pid` and, for a supervised server (`frontends = N`), its engine and front ends,
+    each with the role that prefixes its threads' kinds."""
+    found: list[tuple[int, str]] = []
     for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
-        try:
-            name = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the thread ended
-        # Fields after the name: utime and stime are the 12th and 13th.
-        totals[thread_kind(pid, int(task.name), name)] += (int(fields[11]) + int(fields[12])) * TICK_S
+        for child in (task / "children").read_text().split():
+            argv = pathlib.Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            if b"--role" in argv:
+                role = argv[argv.index(b"--role") + 1].decode()
+                found.append((int(child), "engine" if role == "engine" else "front ends"))
+    return [(pid, "supervisor" if found else ""), *found]
+
+
+def cpu_by_kind(pid: int) -> dict[str, float]:
+    """Seconds of CPU each kind of thread of `pid` (and of the processes it supervises)
+    has used so far."""
+    totals: dict[str, float] = defaultdict(float)
+    for process, role in processes(pid):
+        for task in pathlib.Path(f"/proc/{process}/task").iterdir():
+            try:
+                name = (task / "comm").read_text().strip()
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # the thread ended
+            kind = thread_kind(process, int(task.name), name)
+            # Fields after the name: utime and stime are the 12th and 13th.
+            totals[f"{role}: {kind}" if role else kind] += (int(fields[11]) + int(fields[12])) * TICK_S
     return totals
 
 
@@ -95,30 +112,40 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--duration", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--frontends", type=int, default=0, help="also pt2serve with this many front ends")
     args = parser.parse_args()
     model: BenchModel = next(m for m in bench_models() if m.name == args.model)
     payloads = [request_bytes(model, i) for i in range(64)]
     env = dict(os.environ)
-    figures: dict[str, dict[str, list[float]]] = {"null": defaultdict(list), "pt2serve": defaultdict(list)}
-    with tempfile.TemporaryDirectory() as config_dir:
+    split = f"pt2serve, {args.frontends} front end(s)"
+    names = ["null", "pt2serve", *([split] if args.frontends else [])]
+    figures: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in names}
+    with tempfile.TemporaryDirectory() as config_dir, ExitStack() as stack:
         null_argv = [sys.executable, "-m", "bench.null_server", "--output-width", str(model.out_width)]
-        with (
-            server_process(null_argv, "null server listening", env) as null,
-            server_process(pt2serve_argv(model, 64, 1, config_dir), "ready:", env) as pt2serve,
-        ):
-            for _ in range(args.rounds):
-                for name, server in (("null", null), ("pt2serve", pt2serve)):
-                    for kind, value in measure(
-                        server.pid, server.target, payloads, args.concurrency, args.duration
-                    ).items():
-                        figures[name][kind].append(value)
+        servers = [
+            ("null", stack.enter_context(server_process(null_argv, "null server listening", env))),
+            (
+                "pt2serve",
+                stack.enter_context(
+                    server_process(pt2serve_argv(model, 64, 1, config_dir, frontends=0), "ready:", env)
+                ),
+            ),
+        ]
+        if args.frontends:
+            argv = pt2serve_argv(model, 64, 1, config_dir, frontends=args.frontends)
+            servers.append((split, stack.enter_context(server_process(argv, "ready:", env))))
+        for _ in range(args.rounds):
+            for name, server in servers:
+                measured = measure(server.pid, server.target, payloads, args.concurrency, args.duration)
+                for kind, value in measured.items():
+                    figures[name][kind].append(value)
     kinds = sorted({k for f in figures.values() for k in f} - {"requests/s"})
     print(
         f"# CPU per answered request (µs), {args.model}, streaming, {args.concurrency} in flight, "
         f"median of {args.rounds}\n"
     )
-    print("| thread | null server | pt2serve |")
-    print("| --- | --- | --- |")
+    print(f"| thread | {' | '.join(names)} |")
+    print(f"|{' --- |' * (len(names) + 1)}")
     for kind in kinds:
         cells = [f"{statistics.median(figures[s][kind]):.0f}" if figures[s][kind] else "–" for s in figures]
         print(f"| {kind} | {' | '.join(cells)} |")

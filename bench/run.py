@@ -39,6 +39,7 @@ from bench.models import WIDTH, make_ffn
 from pt2serve.loader.build import build_package, cached_package
 from pt2serve.loader.package import LoadOptions, ModelPackage
 from pt2serve.service import tensors
+from pt2serve.service.config import default_frontends
 from pt2serve.service.demo import IN_FEATURES, OUT_FEATURES, demo_package
 from pt2serve.service.pb import grpc_service_pb2 as v2
 from pt2serve.service.pb import pt2serve_pb2 as pb
@@ -117,15 +118,16 @@ def pt2serve_argv(
     runners: int,
     config_dir: str,
     queue_delay_ms: float = 0.0,
-    frontends: int = 0,
+    frontends: int | None = None,
 ) -> list[str]:
+    """`frontends` None: the default for this machine ("auto")."""
     config = pathlib.Path(config_dir) / f"{model.name}-{max_batch}-{frontends}.toml"
     config.write_text(
         f"""
 [server]
 grpc_port = 0
 metrics_port = 0
-frontends = {frontends}
+frontends = {'"auto"' if frontends is None else frontends}
 
 [[models]]
 name = "{model.name}"
@@ -439,7 +441,9 @@ def write_report(
         "",
         f"- Machine: {os.cpu_count()} CPUs; torch {torch.__version__}; "
         f"ISA {torch.backends.cpu.get_cpu_capability()}",
-        f"- pt2serve: max_batch_size {MAX_BATCH}, max_queue_delay {args.queue_delay_ms} ms, "
+        f"- pt2serve (streams section): the default process layout (`frontends = \"auto\"`: "
+        f"{default_frontends()} front end(s) here), max_batch_size {MAX_BATCH}, "
+        f"max_queue_delay {args.queue_delay_ms} ms, "
         f"num_runners {args.runners}, "
         f"OMP_NUM_THREADS={args.omp_threads or 'unset'}; "
         f"{args.warmup:g} s warm-up and {args.duration:g} s measured per sample; each point is the "

@@ -171,7 +171,7 @@ def report(rows: list[Row], ceilings: dict[str, float] | None = None) -> str:
         cpu_ratio = f"{cpu / statistics.median(base.cpu_us):.2f}" if base else "-"
         batch = f"{statistics.median(row.batch):.1f}" if row.batch else "-"
         best = "-"
-        if base and row.model in ceilings:
+        if base and row.model in ceilings and row.server != "null":
             possible = 1.0 / (1.0 / statistics.median(base.rates) + 1.0 / ceilings[row.model])
             best = f"{rate / possible:.0%}"
         lines.append(
@@ -198,7 +198,7 @@ def run_all(
             null_argv = [sys.executable, "-m", "bench.null_server", "--output-width", str(model.out_width)]
             argvs = {
                 "null": (null_argv, "null server listening"),
-                "1 process": (pt2serve_argv(model, MAX_BATCH, 1, config_dir), "ready:"),
+                "1 process": (pt2serve_argv(model, MAX_BATCH, 1, config_dir, frontends=0), "ready:"),
                 "1 front end": (pt2serve_argv(model, MAX_BATCH, 1, config_dir, frontends=1), "ready:"),
                 "2 front ends": (pt2serve_argv(model, MAX_BATCH, 1, config_dir, frontends=2), "ready:"),
                 "no-batching": (pt2serve_argv(model, 1, 1, config_dir, frontends=2), "ready:"),

@@ -27,6 +27,8 @@ from pt2serve.service.config import (
     DEFAULT_METRICS_PORT,
     SERVER_KEYS,
     configure,
+    default_frontends,
+    frontends_value,
     parse_model_flag,
 )
 from pt2serve.service.security import TOKEN_ENV, read_token
@@ -85,8 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--frontends",
-        type=int,
-        help="gRPC front-end processes in front of one engine process (0: one process; default 0)",
+        type=frontends_value,
+        help="gRPC front-end processes before one engine process; 0: one process; "
+        "default auto: one per two CPUs, at most 8 (README, Processes)",
     )
     serve.add_argument("--role", choices=["engine", "frontend"], help=argparse.SUPPRESS)
     serve.add_argument("--run-dir", help=argparse.SUPPRESS)
@@ -191,7 +194,8 @@ def _serve(args: argparse.Namespace) -> int:
     for flag in args.model:
         name, path = parse_model_flag(flag)
         models.append(ModelConfig(name=name, package_path=config.resolve(path), num_runners=args.num_runners))
-    loads_models = args.role == "engine" or (args.role is None and config.frontends == 0)
+    frontends = default_frontends() if config.frontends is None else config.frontends
+    loads_models = args.role == "engine" or (args.role is None and frontends == 0)
     if not models and loads_models:
         from pt2serve.service.demo import demo_package
 
@@ -206,10 +210,10 @@ def _serve(args: argparse.Namespace) -> int:
 
             child = run_engine if args.role == "engine" else run_frontend
             runner.run(child(config, pathlib.Path(args.run_dir)))
-        elif config.frontends > 0:
+        elif frontends > 0:
             from pt2serve.service.supervisor import supervise
 
-            return runner.run(supervise(config, args.argv, config.frontends))
+            return runner.run(supervise(config, args.argv, frontends))
         else:
             from pt2serve.service.supervisor import run_server
 

@@ -145,14 +145,17 @@ async def supervise(config: ServerConfig, argv: Sequence[str], frontends: int) -
         stop_wait: asyncio.Future[Any] = asyncio.ensure_future(stopping.wait())
         await asyncio.wait([ready, stop_wait], return_when=asyncio.FIRST_COMPLETED)
         if ready.done():
+            kind = type(asyncio.get_running_loop())  # the children's too: one factory
             log.info(
-                "ready: %d model(s): %s (gRPC on %s:%d, %d front end(s), engine pid %d)",
+                "ready: %d model(s): %s (gRPC on %s:%d, %d front end(s), engine pid %d; event loop: %s.%s)",
                 len(config.models) or 1,
                 ", ".join(m.name for m in config.models) or "demo",
                 config.host,
                 port,
                 frontends,
                 engine.proc.pid if engine.proc else 0,
+                kind.__module__,
+                kind.__name__,
             )
         else:
             ready.cancel()

@@ -18,6 +18,7 @@ def test_example_config_parses() -> None:
     (model,) = config.models
     assert model.name == "demo" and model.package_path == "/models/demo.pt2"
     assert model.batching is not None and model.batching.max_batch_size == 32
+    assert model.batching.adaptive_delay_us == 1000 and config.frontends is None
 
 
 def test_process_settings_are_read_and_checked(tmp_path: pathlib.Path) -> None:

@@ -34,7 +34,7 @@ from pt2serve.service.pb import pt2serve_pb2 as pb
 from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
 from pt2serve.service.server import Pt2Server
 from tests.conftest import Packages
-from tests.fleet import ENV, Replica, free_port
+from tests.fleet import ENV, LoadThreads, Replica, free_port
 from tests.test_constants import shifted_model, weights_of
 from tests.test_service import outputs_of, run_request
 
@@ -47,30 +47,19 @@ MAX_REQUESTS = 200_000  # per worker: bounds the load if the test hangs
 UNARY_WORKERS = 3
 
 
-class Load:
+class Load(LoadThreads):
     """Steady unary and streaming load through one balancing client, in threads;
     every answer is compared with the eager module."""
 
     def __init__(self, client: Pt2ServeClient) -> None:
         self.client = client
-        self.stop = threading.Event()
         self.failures: list[str] = []
         self.answered = 0
         self.streamed = 0
         self._lock = threading.Lock()
         self._eager = demo_model()
-        self._threads = [threading.Thread(target=self._unary) for _ in range(UNARY_WORKERS)]
-        self._threads.append(threading.Thread(target=self._stream))
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self._threads:
-            thread.join(timeout=120)
+        workers = [threading.Thread(target=self._unary) for _ in range(UNARY_WORKERS)]
+        super().__init__([*workers, threading.Thread(target=self._stream)])
 
     def _check(self, x: torch.Tensor, got: torch.Tensor) -> None:
         with torch.no_grad():

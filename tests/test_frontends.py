@@ -35,7 +35,7 @@ from pt2serve.service.pb import pt2serve_pb2 as pb
 from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
 from tests import models
 from tests.conftest import Packages
-from tests.fleet import Replica
+from tests.fleet import LoadThreads, Replica
 from tests.test_service import outputs_of, run_request
 
 TOKEN = "front-end-test-token"
@@ -249,7 +249,7 @@ def test_metrics_count_each_request_once_with_the_usual_names(server: Replica) -
     assert readiness(server.address) == health_pb2.HealthCheckResponse.SERVING
 
 
-class Load:
+class Load(LoadThreads):
     """Unary Run requests from threads, each with its own connection, until stopped
     (or, with `until_refused`, until a thread is refused): every outcome recorded,
     every answer compared with eager."""
@@ -257,22 +257,11 @@ class Load:
     def __init__(self, target: str, threads: int = 3, until_refused: bool = False) -> None:
         self.target = target
         self.until_refused = until_refused
-        self.stop = threading.Event()
         self.answered = 0
         self.codes: dict[str, int] = {}
         self.wrong = 0
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._work, args=(i,)) for i in range(threads)]
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self._threads:
-            thread.join(LIMIT_S)
+        super().__init__([threading.Thread(target=self._work, args=(i,)) for i in range(threads)])
 
     def _work(self, index: int) -> None:
         x = torch.randn(2, 16, generator=torch.Generator().manual_seed(index))
