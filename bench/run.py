@@ -441,7 +441,7 @@ def write_report(
         "",
         f"- Machine: {os.cpu_count()} CPUs; torch {torch.__version__}; "
         f"ISA {torch.backends.cpu.get_cpu_capability()}",
-        f"- pt2serve (streams section): the default process layout (`frontends = \"auto\"`: "
+        f'- pt2serve (streams section): the default process layout (`frontends = "auto"`: '
         f"{default_frontends()} front end(s) here), max_batch_size {MAX_BATCH}, "
         f"max_queue_delay {args.queue_delay_ms} ms, "
         f"num_runners {args.runners}, "

@@ -79,7 +79,9 @@ class ModelScheduler:
         # Waiting for fuller batches when measured costs say it pays; not when the
         # user fixed a delay, nor for a model without a batch dimension.
         adaptive = config.adaptive_delay_us > 0 and config.max_queue_delay_us == 0 and batched
-        self.adaptive = AdaptiveWait(config.adaptive_delay_us / 1e6, config.max_batch_size) if adaptive else None
+        self.adaptive = (
+            AdaptiveWait(config.adaptive_delay_us / 1e6, config.max_batch_size) if adaptive else None
+        )
         self._queue = RequestQueue(name, config, batched, self.adaptive)
         self._in_flight = 0
         self._batch_tasks: set[asyncio.Task[None]] = set()
