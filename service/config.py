@@ -106,12 +106,25 @@ class ServerConfig:
 
 
 def default_frontends(cpus: int | None = None) -> int:
-    """Front ends for `frontends = "auto"`: one per two CPUs, at most 8; one process
-    (0) on a single CPU. On 2 CPUs that is one front end: measured there, it answered
-    the overhead-bound demo model 1.3x faster than one process, at less CPU per
-    request, and the compute-bound model 8 % slower (docs/performance.md)."""
-    cpus = os.cpu_count() if cpus is None else cpus
-    return 0 if not cpus or cpus < 2 else min(8, cpus // 2)
+    """Front ends for `frontends = "auto"`: one per two CPUs this process may use, at
+    most 8; one process (0) on a single CPU. On 2 CPUs that is one front end: measured
+    there, it answered the overhead-bound demo model 1.3x faster than one process, at
+    less CPU per request, and the compute-bound model 3 % slower (docs/performance.md)."""
+    cpus = usable_cpus() if cpus is None else cpus
+    return 0 if cpus < 2 else min(8, cpus // 2)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity, and a container's CPU limit (cgroup
+    v2 `cpu.max`, which Kubernetes sets from the pod's limit), whichever is fewer."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = pathlib.Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 def frontends_value(value: Any) -> int | None:

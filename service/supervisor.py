@@ -36,6 +36,7 @@ from pt2serve.service.config import ServerConfig
 
 log = logging.getLogger("pt2serve.supervisor")
 NOTIFY_ENV = "PT2SERVE_NOTIFY_FD"
+PARENT_ENV = "PT2SERVE_SUPERVISOR_PID"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 FIRST_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 10.0
@@ -56,7 +57,8 @@ def die_with_parent() -> None:
     if sys.platform == "linux":
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-        if os.getppid() == 1:  # the parent died before prctl
+        parent = os.environ.get(PARENT_ENV)
+        if parent and os.getppid() != int(parent):  # the parent died before prctl
             os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -128,7 +130,12 @@ async def supervise(config: ServerConfig, argv: Sequence[str], frontends: int) -
     holder, port = reserve_port(config.host, config.grpc_port)
     # A model's OpenMP threads would otherwise spin for a while after each batch,
     # taking CPU the front ends need (measured: docs/performance.md).
-    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, MULTIPROC_ENV: str(metrics_dir)}
+    env = {
+        "OMP_WAIT_POLICY": "PASSIVE",
+        **os.environ,
+        MULTIPROC_ENV: str(metrics_dir),
+        PARENT_ENV: str(os.getpid()),
+    }
     common = [*argv, "--run-dir", str(run_dir), "--grpc-port", str(port)]
     engine = Child("engine", [*common, "--role", "engine"], env)
     fronts = [Child(f"frontend {i}", [*common, "--role", "frontend"], env) for i in range(frontends)]

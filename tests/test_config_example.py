@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from pt2serve.loader.errors import InvalidInput
-from pt2serve.service.config import load_config
+from pt2serve.service.config import default_frontends, load_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -41,3 +41,15 @@ def test_process_settings_take_effect() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     interval, gen0, frozen = out.stdout.split()
     assert abs(float(interval) - 200e-6) < 1e-9 and gen0 == "20000" and frozen == "True"
+
+
+def test_frontends_is_a_count_or_auto(tmp_path: pathlib.Path) -> None:
+    assert [default_frontends(cpus) for cpus in (1, 2, 3, 8, 16, 64)] == [0, 1, 1, 4, 8, 8]
+    config = tmp_path / "server.toml"
+    for text, expected in (('"auto"', None), ("0", 0), ("3", 3)):
+        config.write_text(f"[server]\nfrontends = {text}\n")
+        assert load_config(config).frontends == expected
+    for text, message in (("-1", "frontends must be 0"), ('"many"', "a count or 'auto'")):
+        config.write_text(f"[server]\nfrontends = {text}\n")
+        with pytest.raises(InvalidInput, match=message):
+            load_config(config)
