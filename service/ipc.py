@@ -125,12 +125,14 @@ def _tensor_parts(tensor: torch.Tensor, parts: list[Any]) -> None:
         array = tensor.view(torch.int16).numpy()
     else:
         array = tensor.numpy()
-    data = memoryview(np.ascontiguousarray(array)).cast("B")  # type: ignore[arg-type]
+    array = np.ascontiguousarray(array)
+    # An empty tensor has no buffer to view (and no bytes to send).
+    data: Any = memoryview(array).cast("B") if array.size else b""  # type: ignore[arg-type]
     shape = tensor.shape
     parts.append(
         _TENSOR.pack(_DTYPE_CODE[tensor.dtype], len(shape))
         + struct.pack(f"<{len(shape)}q", *shape)
-        + _NBYTES.pack(data.nbytes)
+        + _NBYTES.pack(len(data) if isinstance(data, bytes) else data.nbytes)
     )
     parts.append(data)
 

@@ -1,0 +1,184 @@
+"""The front end ⇄ engine wire (service/ipc.py) and the front end's side of it
+(service/remote.py), with the test playing the engine on the other end of a real
+Unix socket pair: every frame is read back exactly as the engine would."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pt2serve.loader.dtypes import TYPES
+from pt2serve.loader.errors import ErrorKind, InvalidInput, Pt2ServeError, Unavailable
+from pt2serve.loader.schema import Dim, ModelSchema, TensorSpec
+from pt2serve.scheduler.dataplane import InferenceOptions, InferenceResult
+from pt2serve.scheduler.telemetry import NoTelemetry
+from pt2serve.service import ipc
+from pt2serve.service.remote import EnginePlane, _EngineLink
+
+SHAPES = st.lists(st.integers(min_value=0, max_value=5), min_size=0, max_size=4)
+
+
+def tensor_of(dtype_index: int, shape: list[int]) -> torch.Tensor:
+    element = TYPES[dtype_index]
+    raw = torch.arange(math.prod(shape) * element.itemsize, dtype=torch.uint8) % 251
+    return raw.view(element.torch).reshape(shape) if shape else raw[: element.itemsize].view(element.torch)[0]
+
+
+def framed(parts: list[object]) -> bytearray:
+    """The payload of one frame, as FrameReader hands it over."""
+    data = b"".join(bytes(p) for p in parts)  # type: ignore[call-overload]
+    (frame,) = ipc.FrameReader().feed(data)
+    return frame
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(0, len(TYPES) - 1), SHAPES), min_size=0, max_size=3),
+    priority=st.integers(0, 3),
+    timeout=st.one_of(st.none(), st.floats(0.001, 100)),
+    deadline=st.one_of(st.none(), st.floats(0, 1e6)),
+)
+def test_requests_and_results_cross_unchanged(
+    shapes: list[tuple[int, list[int]]], priority: int, timeout: float | None, deadline: float | None
+) -> None:
+    inputs = {f"in{i}": tensor_of(d, s) for i, (d, s) in enumerate(shapes)}
+    parts = ipc.pack_request(
+        7, "mödel", inputs, priority=priority, timeout_s=timeout, deadline=deadline, output_names=("a", "b")
+    )
+    request = ipc.unpack_request(framed(parts))
+    assert (request.request_id, request.model, request.priority) == (7, "mödel", priority)
+    assert (request.timeout_s, request.deadline, request.output_names) == (timeout, deadline, ("a", "b"))
+    assert list(request.inputs) == list(inputs)
+    for name, tensor in inputs.items():
+        assert request.inputs[name].dtype == tensor.dtype and torch.equal(request.inputs[name], tensor)
+    request_id, version, outputs = ipc.unpack_result(framed(ipc.pack_result(9, 3, inputs)))
+    assert (request_id, version, list(outputs)) == (9, 3, list(inputs))
+    assert all(torch.equal(outputs[n], t) for n, t in inputs.items())
+
+
+@given(kind=st.sampled_from(list(ErrorKind)), message=st.text(max_size=300))
+def test_errors_cross_with_their_kind_and_message(kind: ErrorKind, message: str) -> None:
+    request_id, error = ipc.unpack_error(framed(ipc.pack_error(5, ipc.error_of(kind, message))))
+    assert request_id == 5 and error.kind is kind and str(error) == message
+
+
+def test_frames_split_anywhere_are_read_whole() -> None:
+    data = b"".join(bytes(p) for p in ipc.pack_cancel(1) + ipc.pack_cancel(2) + ipc.pack_cancel(3))
+    reader = ipc.FrameReader()
+    frames = [f for i in range(len(data)) for f in reader.feed(data[i : i + 1])]
+    assert [ipc.unpack_id(f) for f in frames] == [1, 2, 3]
+
+
+SCHEMA = ModelSchema(
+    inputs=(TensorSpec("x", "float32", (Dim(None, 1, 8), Dim(4))),),
+    outputs=(TensorSpec("y", "float32", (Dim(None, 1, 8), Dim(2))),),
+    batched=True,
+)
+
+
+@dataclass
+class Engine:
+    """The test's end of the socket, reading frames as the engine does."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    plane: EnginePlane
+    frames: ipc.FrameReader
+    read: list[bytearray]
+
+    async def next_frame(self) -> bytearray:
+        while not self.read:
+            data = await self.reader.read(65536)
+            assert data, "the front end closed the connection"
+            self.read += self.frames.feed(data)
+        return self.read.pop(0)
+
+    async def send(self, parts: list[object]) -> None:
+        self.writer.writelines(parts)  # type: ignore[arg-type]
+        await self.writer.drain()
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[Engine]:
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    plane = EnginePlane(NoTelemetry())
+    lost: asyncio.Future[None] = loop.create_future()
+    await loop.create_unix_connection(lambda: _EngineLink(plane, lost), sock=theirs)
+    reader, writer = await asyncio.open_unix_connection(sock=ours)
+    test_engine = Engine(reader, writer, plane, ipc.FrameReader(), [])
+    told = asyncio.Event()
+    plane.changed = told.set
+    await test_engine.send(ipc.pack_state(ipc.EngineState(True, {"m": ipc.ModelView(SCHEMA, 8)})))
+    await told.wait()
+    assert plane.ready
+    try:
+        yield test_engine
+    finally:
+        writer.close()
+        await lost
+
+
+def decode(x: torch.Tensor) -> object:
+    return lambda: ({"x": x}, InferenceOptions(output_names=("y",)))
+
+
+async def test_a_request_goes_out_once_and_its_answer_comes_back(engine: Engine) -> None:
+    x = torch.randn(3, 4)
+    call = asyncio.ensure_future(engine.plane.infer("m", decode(x)))  # type: ignore[arg-type]
+    request = ipc.unpack_request(await engine.next_frame())
+    assert request.model == "m" and request.output_names == ("y",) and torch.equal(request.inputs["x"], x)
+    y = torch.randn(3, 2)
+    await engine.send(ipc.pack_result(request.request_id, 4, {"y": y}))
+    result = await call
+    assert result.constants_version == 4 and torch.equal(result.outputs["y"], y)
+    assert engine.plane.in_flight == 0
+
+
+async def test_a_bad_request_never_reaches_the_engine(engine: Engine) -> None:
+    with pytest.raises(InvalidInput, match="input 'x'"):
+        await engine.plane.infer("m", decode(torch.randn(3, 5)))  # type: ignore[arg-type]
+    assert engine.plane.in_flight == 0
+    # The next frame the engine sees is the good request sent after it.
+    call = asyncio.ensure_future(engine.plane.infer("m", decode(torch.randn(1, 4))))  # type: ignore[arg-type]
+    request = ipc.unpack_request(await engine.next_frame())
+    assert request.inputs["x"].shape == (1, 4)
+    await engine.send(ipc.pack_error(request.request_id, Unavailable("draining")))
+    with pytest.raises(Unavailable, match="draining"):
+        await call
+
+
+async def test_a_cancelled_call_withdraws_its_request(engine: Engine) -> None:
+    call = asyncio.ensure_future(engine.plane.infer("m", decode(torch.randn(1, 4))))  # type: ignore[arg-type]
+    request = ipc.unpack_request(await engine.next_frame())
+    call.cancel()
+    assert ipc.unpack_id(await engine.next_frame()) == request.request_id  # the cancel frame
+    assert engine.plane.in_flight == 0
+    # A late answer for it is dropped.
+    await engine.send(ipc.pack_result(request.request_id, 0, {"y": torch.zeros(1, 2)}))
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+
+async def test_a_lost_engine_answers_every_waiting_request_unavailable(engine: Engine) -> None:
+    heard: list[InferenceResult | BaseException] = []
+    calls = [asyncio.ensure_future(engine.plane.infer("m", decode(torch.randn(1, 4)))) for _ in range(3)]  # type: ignore[arg-type]
+    engine.plane.submit("m", decode(torch.randn(1, 4)), heard.append)  # type: ignore[arg-type]
+    for _ in range(4):
+        await engine.next_frame()
+    engine.writer.close()
+    for call in calls:
+        with pytest.raises(Unavailable, match="engine process stopped"):
+            await call
+    assert len(heard) == 1 and isinstance(heard[0], Pt2ServeError)
+    assert not engine.plane.ready and engine.plane.in_flight == 0
+    with pytest.raises(Unavailable, match="not ready"):
+        await engine.plane.infer("m", decode(torch.randn(1, 4)))  # type: ignore[arg-type]
