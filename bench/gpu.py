@@ -12,7 +12,8 @@ and prometheus-client; grpcio-health-checking and grpcio-reflection must import 
 2. For each front-end count: serves it with `devices = [0]` (`pt2serve serve
    --frontends N`), compares answers at 1, 7 and 64 rows with the eager module, then
    drives single-row unary `Run` requests for `--seconds` from `--clients` load
-   processes (h2load when installed) and reads the mean batch from the server.
+   processes (Python, asyncio: nothing more to install) and reads the mean
+   batch from the server.
 3. Prints a Markdown table and writes it to $OUT/gpu.md when $OUT is set.
 """
 
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--frontends", default="0,1,2,4,8")
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--clients", type=int, default=4, help="load processes (without h2load)")
+    parser.add_argument("--clients", type=int, default=4, help="load processes")
     parser.add_argument("--in-flight", type=int, default=64, help="per load process")
     parser.add_argument("--wheels", help="install the wheels in this directory first (no index)")
     parser.add_argument("--load-process", nargs=4, help=argparse.SUPPRESS)
