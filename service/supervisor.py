@@ -5,7 +5,9 @@ and N front-end processes sharing the gRPC port (SO_REUSEPORT, which grpc sets).
   same arguments with a hidden `--role`, and logs `ready:` once the engine has
   loaded its models and every front end is connected to it.
 - A child that exits while the server runs is started again (after 0.5 s, doubling
-  up to 10 s while it keeps failing within a minute of its start). While the engine
+  up to 10 s while it keeps failing within a minute of its start). One that exits
+  before it was ever ready (a model that does not load, a port that is taken) stops
+  the server with exit code 2: starting it again would fail the same way. While the engine
   is away, front ends answer UNAVAILABLE and report NOT_SERVING; models loaded at run
   time through LoadModel are not loaded again by a restarted engine, the configured
   ones are.
@@ -147,7 +149,8 @@ async def supervise(config: ServerConfig, argv: Sequence[str], frontends: int) -
     try:
         for child in children:
             await child.start()
-        watchers = [asyncio.ensure_future(_watch(child, stopping)) for child in children]
+        failed: list[str] = []
+        watchers = [asyncio.ensure_future(_watch(child, stopping, failed)) for child in children]
         ready: asyncio.Future[Any] = asyncio.ensure_future(_all_ready(children))
         stop_wait: asyncio.Future[Any] = asyncio.ensure_future(stopping.wait())
         await asyncio.wait([ready, stop_wait], return_when=asyncio.FIRST_COMPLETED)
@@ -177,6 +180,8 @@ async def supervise(config: ServerConfig, argv: Sequence[str], frontends: int) -
             watcher.cancel()
         codes = {c.role: _clean(c) for c in children if c.proc is not None}
         log.info("stopped: exit codes %s", codes)
+        if failed:
+            return 2
         return 0 if all(code == 0 for code in codes.values()) else 1
     finally:
         for child in children:
@@ -207,13 +212,22 @@ async def _exited(child: Child) -> None:
         await child.proc.wait()
 
 
-async def _watch(child: Child, stopping: asyncio.Event) -> None:
-    """Start `child` again whenever it exits before shutdown."""
+async def _watch(child: Child, stopping: asyncio.Event, failed: list[str]) -> None:
+    """Start `child` again whenever it exits before shutdown. One that exits before it
+    was ever ready (a model that does not load, a port taken) stops the server instead:
+    starting it again would fail the same way."""
     while True:
         assert child.proc is not None
         started = time.monotonic()
         code = await child.proc.wait()
         if stopping.is_set():
+            return
+        if child.starts == 1 and not child.ready.is_set():
+            failed.append(child.role)
+            log.error(
+                "%s failed to start (exit code %s): stopping; its log lines above say why", child.role, code
+            )
+            stopping.set()
             return
         if time.monotonic() - started > STABLE_S:
             child.backoff_s = FIRST_BACKOFF_S

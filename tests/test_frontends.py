@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -35,7 +37,7 @@ from pt2serve.service.pb import pt2serve_pb2 as pb
 from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
 from tests import models
 from tests.conftest import Packages
-from tests.fleet import LoadThreads, Replica
+from tests.fleet import ENV, LoadThreads, Replica
 from tests.test_service import outputs_of, run_request
 
 TOKEN = "front-end-test-token"
@@ -375,3 +377,20 @@ def test_a_killed_engine_turns_readiness_off_until_it_is_back(
         assert replica.stop() == 0
     finally:
         replica.kill()
+
+
+def test_an_engine_that_cannot_start_stops_the_server(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        f'[server]\ngrpc_port = 0\nmetrics_port = 0\nfrontends = 1\nmodel_root = "{tmp_path}"\n'
+        f'[[models]]\nname = "m"\npath = "{tmp_path / "missing.pt2"}"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pt2serve.service.cli", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=LIMIT_S * 2,
+        env=ENV,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "missing.pt2" in done.stderr and "engine failed to start" in done.stderr

@@ -388,9 +388,13 @@ async def _check_invariants(
     with runner.lock:
         started = {i for batch in runner.entered for i in batch}
     fates = {(-i if p[3] == "poison" else i): p[3] for i, p in enumerate(plans, start=1)}
-    for key, fate in fates.items():
-        if fate == "cancel":
-            tasks[key].cancel()
+    cancelled = [tasks[key] for key, fate in fates.items() if fate == "cancel"]
+    for task in cancelled:
+        task.cancel()
+    if cancelled:
+        # Withdrawn before the clock moves: a batching delay's timer, due once the clock
+        # has moved, must not find them still queued.
+        await asyncio.wait(cancelled)
     clock.now += 2  # every "expire" deadline passes while it waits
     runner.gate.set()
     results = await asyncio.gather(*tasks.values(), return_exceptions=True)
