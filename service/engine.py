@@ -24,7 +24,6 @@ import logging
 import os
 import pathlib
 from collections.abc import Mapping
-from typing import Any, cast
 
 import torch
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -58,10 +57,6 @@ class Engine:
         self.server = Pt2Server(config, CollectorRegistry(), listen=grpc_address(run_dir))
         self.links: set[_Link] = set()
         self._data_server: asyncio.AbstractServer | None = None
-
-    @property
-    def manager(self) -> Any:
-        return self.server.manager
 
     def served_registry(self) -> CollectorRegistry:
         """/metrics for every process: the multiprocess files (counters and histograms
@@ -112,47 +107,39 @@ class Engine:
             link.send(frame, now=True)
 
 
-class _Link(asyncio.Protocol):
+class _Link(ipc.FrameLink):
     """One front end's data connection."""
 
     def __init__(self, engine: Engine) -> None:
+        super().__init__()
         self._engine = engine
         self._data = engine.server.manager.data
-        self._reader = ipc.FrameReader()
         self._tickets: dict[int, Ticket] = {}
-        self._out: list[Any] = []
-        self._transport: asyncio.Transport | None = None
-        self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        super().connection_made(transport)
         self._engine.links.add(self)
         self.send(ipc.pack_state(self._engine.state()))
 
     def connection_lost(self, exc: Exception | None) -> None:
         # The front end is gone: withdraw what it was waiting for.
+        super().connection_lost(exc)
         self._engine.links.discard(self)
         tickets, self._tickets = self._tickets, {}
         for ticket in tickets.values():
             ticket.cancel()
 
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-
-    def data_received(self, data: bytes) -> None:
-        for frame in self._reader.feed(data):
-            kind = frame[:1]
-            if kind == ipc.REQUEST:
-                self._request(ipc.unpack_request(frame))
-            elif kind == ipc.CANCEL:
-                ticket = self._tickets.pop(ipc.unpack_id(frame), None)
-                if ticket is not None:
-                    ticket.cancel()
-            else:
-                log.error("front end sent an unknown frame %r; closing its connection", kind)
-                self.close()
-                return
+    def received(self, frame: bytearray) -> None:
+        kind = frame[:1]
+        if kind == ipc.REQUEST:
+            self._request(ipc.unpack_request(frame))
+        elif kind == ipc.CANCEL:
+            ticket = self._tickets.pop(ipc.unpack_id(frame), None)
+            if ticket is not None:
+                ticket.cancel()
+        else:
+            log.error("front end sent an unknown frame %r; closing its connection", kind)
+            self.close()
 
     def _request(self, request: ipc.Request) -> None:
         request_id = request.request_id
@@ -186,16 +173,3 @@ class _Link(asyncio.Protocol):
             log.error("request failed: %r", outcome)
             outcome = ExecutionFailed(f"internal error: {outcome}")
         self.send(ipc.pack_error(request_id, outcome))
-
-    def send(self, frame: list[Any], now: bool = False) -> None:
-        """Queue a frame; the frames of one loop pass leave in one write."""
-        if not self._out:
-            self._loop.call_soon(self._flush)
-        self._out.extend(frame)
-        if now:
-            self._flush()
-
-    def _flush(self) -> None:
-        out, self._out = self._out, []
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.writelines(out)

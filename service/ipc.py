@@ -19,12 +19,13 @@ Frames (little-endian), each `u32 length` then the payload:
 
 from __future__ import annotations
 
+import asyncio
 import math
 import pickle
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -107,6 +108,50 @@ class FrameReader:
             start += 4 + length
         if start:
             del buffer[:start]
+
+
+class FrameLink(asyncio.Protocol):
+    """One end of the socket: frames in (`received`, one call per frame), and frames
+    out, those of one loop pass in one write (`send`)."""
+
+    def __init__(self) -> None:
+        self._reader = FrameReader()
+        self._out: list[Any] = []
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+
+    def data_received(self, data: bytes) -> None:
+        for frame in self._reader.feed(data):
+            if self._transport is None or self._transport.is_closing():
+                return
+            self.received(frame)
+
+    def received(self, frame: bytearray) -> None:
+        raise NotImplementedError
+
+    def send(self, frame: list[Any], now: bool = False) -> None:
+        """Queue a frame for the end of this loop pass, or, with `now`, write it and
+        everything queued before it at once."""
+        if not self._out and not now:
+            self._loop.call_soon(self._flush)
+        self._out.extend(frame)
+        if now:
+            self._flush()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if out and self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(out)
 
 
 def _framed(parts: list[Any]) -> list[Any]:

@@ -12,7 +12,6 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, cast
 
 from pt2serve.loader.errors import ErrorKind, Pt2ServeError, Unavailable
 from pt2serve.scheduler.dataplane import Decode, InferenceResult, OnDone, accept
@@ -34,6 +33,16 @@ class _Pending:
         self.started = time.monotonic()
 
 
+def _settle(pending: _Pending, outcome: InferenceResult | Pt2ServeError) -> None:
+    if isinstance(outcome, InferenceResult):
+        pending.future.set_result(outcome)
+    else:
+        pending.future.set_exception(outcome)
+        pending.future.exception()  # retrieved: a stream may hear it via on_done only
+    if pending.on_done is not None:
+        pending.on_done(outcome)
+
+
 class RemoteTicket:
     __slots__ = ("_plane", "_id", "future")
 
@@ -52,7 +61,6 @@ class EnginePlane:
 
     def __init__(self, telemetry: Telemetry) -> None:
         self.state = ipc.EngineState()
-        self.connected = False
         # Set while draining: new requests are refused with UNAVAILABLE.
         self.closing = False
         self._telemetry = telemetry
@@ -62,6 +70,10 @@ class EnginePlane:
         self._idle = asyncio.Event()
         self._idle.set()
         self.changed: Callable[[], None] = lambda: None
+
+    @property
+    def connected(self) -> bool:
+        return self._link is not None
 
     @property
     def ready(self) -> bool:
@@ -133,25 +145,16 @@ class EnginePlane:
 
     def answered(self, request_id: int, outcome: InferenceResult | Pt2ServeError) -> None:
         pending = self._pop(request_id)
-        if pending is None:
-            return  # withdrawn meanwhile
-        if isinstance(outcome, InferenceResult):
-            pending.future.set_result(outcome)
-        else:
-            pending.future.set_exception(outcome)
-            pending.future.exception()  # retrieved: a stream may hear it via on_done only
-        if pending.on_done is not None:
-            pending.on_done(outcome)
+        if pending is not None:  # else withdrawn meanwhile
+            _settle(pending, outcome)
 
     def attach(self, link: _EngineLink) -> None:
         self._link = link
-        self.connected = True
 
     def detach(self) -> None:
         """The engine is gone: every request it held is answered UNAVAILABLE, so
         clients send it again (to this server once the engine is back, or another)."""
         self._link = None
-        self.connected = False
         self.state = ipc.EngineState()
         pending, self._pending = self._pending, {}
         self._idle.set()
@@ -159,11 +162,7 @@ class EnginePlane:
             self._telemetry.request_finished(
                 entry.label, ErrorKind.UNAVAILABLE, time.monotonic() - entry.started
             )
-            error = Unavailable("the engine process stopped before answering; try again")
-            entry.future.set_exception(error)
-            entry.future.exception()
-            if entry.on_done is not None:
-                entry.on_done(error)
+            _settle(entry, Unavailable("the engine process stopped before answering; try again"))
         self.changed()
 
     def set_state(self, state: ipc.EngineState) -> None:
@@ -197,43 +196,28 @@ class EnginePlane:
             log.warning("lost the engine connection; answering UNAVAILABLE until it is back")
 
 
-class _EngineLink(asyncio.Protocol):
+class _EngineLink(ipc.FrameLink):
     def __init__(self, plane: EnginePlane, lost: asyncio.Future[None]) -> None:
+        super().__init__()
         self._plane = plane
         self._lost = lost
-        self._reader = ipc.FrameReader()
-        self._out: list[Any] = []
-        self._transport: asyncio.Transport | None = None
-        self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        super().connection_made(transport)
         self._plane.attach(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
+        super().connection_lost(exc)
         self._plane.detach()
         if not self._lost.done():
             self._lost.set_result(None)
 
-    def data_received(self, data: bytes) -> None:
-        plane = self._plane
-        for frame in self._reader.feed(data):
-            kind = frame[:1]
-            if kind == ipc.RESULT:
-                request_id, version, outputs = ipc.unpack_result(frame)
-                plane.answered(request_id, InferenceResult(outputs, version))
-            elif kind == ipc.ERROR:
-                plane.answered(*ipc.unpack_error(frame))
-            elif kind == ipc.STATE:
-                plane.set_state(ipc.unpack_state(frame))
-
-    def send(self, frame: list[Any]) -> None:
-        if not self._out:
-            self._loop.call_soon(self._flush)
-        self._out.extend(frame)
-
-    def _flush(self) -> None:
-        out, self._out = self._out, []
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.writelines(out)
+    def received(self, frame: bytearray) -> None:
+        kind = frame[:1]
+        if kind == ipc.RESULT:
+            request_id, version, outputs = ipc.unpack_result(frame)
+            self._plane.answered(request_id, InferenceResult(outputs, version))
+        elif kind == ipc.ERROR:
+            self._plane.answered(*ipc.unpack_error(frame))
+        elif kind == ipc.STATE:
+            self._plane.set_state(ipc.unpack_state(frame))
