@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import pathlib
 from collections.abc import Mapping
 
 import torch
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.registry import Collector
 
 from pt2serve.loader.errors import ExecutionFailed, Pt2ServeError
 from pt2serve.scheduler.dataplane import InferenceOptions, InferenceResult, Ticket
 from pt2serve.service import ipc
 from pt2serve.service.config import ServerConfig
-from pt2serve.service.metrics import ModelStateCollector
+from pt2serve.service.metrics import MergedCollector
 from pt2serve.service.server import Pt2Server
 
 log = logging.getLogger(__name__)
@@ -51,23 +51,21 @@ def grpc_address(run_dir: pathlib.Path) -> str:
 class Engine:
     def __init__(self, config: ServerConfig, run_dir: pathlib.Path) -> None:
         self.run_dir = run_dir
-        # The engine's own metrics objects are not served from this registry: in
-        # multiprocess mode their values go to files that `served_registry` reads
-        # together with the front ends'.
         self.server = Pt2Server(config, CollectorRegistry(), listen=grpc_address(run_dir))
         self.links: set[_Link] = set()
         self._data_server: asyncio.AbstractServer | None = None
 
-    def served_registry(self) -> CollectorRegistry:
-        """/metrics for every process: the multiprocess files (counters and histograms
-        of the engine and every front end, each series once), the engine's live model
-        state, and the engine's process metrics."""
+    def served_registry(self, front_ends_dir: str | None) -> CollectorRegistry:
+        """/metrics for every process: the engine's metrics (in memory, with the live
+        model state) and the front ends' (multiprocess files in `front_ends_dir`),
+        each series once, plus the engine's process metrics."""
         from prometheus_client import multiprocess
 
+        sources: list[Collector] = [self.server.registry]
+        if front_ends_dir:
+            sources.append(multiprocess.MultiProcessCollector(None, path=front_ends_dir))  # type: ignore[no-untyped-call]
         registry = CollectorRegistry()
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        registry.register(ModelStateCollector(self.server.manager))
+        registry.register(MergedCollector(*sources))
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         return registry

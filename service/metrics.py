@@ -7,6 +7,7 @@ The metric list, with meanings and example PromQL, is in docs/metrics.md.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -22,7 +23,7 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from pt2serve.loader.errors import ErrorKind
@@ -308,6 +309,53 @@ def new_registry(manager: ModelManager) -> tuple[CollectorRegistry, Metrics]:
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry, metrics
+
+
+class MergedCollector(Collector):
+    """Several collectors' metrics as one: families of the same name become one
+    family, and samples with the same name and labels are added up. The engine
+    serves its own metrics (kept in memory) together with the front ends' (from
+    prometheus_client's multiprocess files) this way; a counter or histogram that
+    both count (requests refused by a front end, answered by the engine) is then one
+    series, as in a single process."""
+
+    def __init__(self, *sources: Collector) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        indexes: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], int]] = {}
+        for source in self._sources:
+            for family in source.collect():
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = Metric(family.name, family.documentation, family.type, family.unit)
+                    families[family.name] = merged
+                    indexes[family.name] = {}
+                index = indexes[family.name]
+                for sample in family.samples:
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    at = index.get(key)
+                    if at is None:
+                        index[key] = len(merged.samples)
+                        merged.samples.append(sample)
+                    else:
+                        known = merged.samples[at]
+                        merged.samples[at] = known._replace(value=known.value + sample.value)
+        yield from families.values()
+
+
+def multiprocess_values() -> None:
+    """Make metrics created from now on write to prometheus_client's multiprocess
+    files (`PROMETHEUS_MULTIPROC_DIR`), naming this process's files by a pid read
+    once (and again after a fork) rather than by a getpid() system call on every
+    increment, which prometheus_client's default makes: measured, the largest part
+    of a metric update's cost in a front end (docs/performance.md)."""
+    from prometheus_client import values
+
+    pid = [os.getpid()]
+    os.register_at_fork(after_in_child=lambda: pid.__setitem__(0, os.getpid()))
+    values.ValueClass = values.MultiProcessValue(process_identifier=lambda: pid[0])  # type: ignore[no-untyped-call]
 
 
 class MetricsServer:

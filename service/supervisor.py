@@ -40,6 +40,7 @@ log = logging.getLogger("pt2serve.supervisor")
 NOTIFY_ENV = "PT2SERVE_NOTIFY_FD"
 PARENT_ENV = "PT2SERVE_SUPERVISOR_PID"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+METRICS_DIR_ENV = "PT2SERVE_METRICS_DIR"
 FIRST_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 10.0
 STABLE_S = 60.0
@@ -132,15 +133,15 @@ async def supervise(config: ServerConfig, argv: Sequence[str], frontends: int) -
     holder, port = reserve_port(config.host, config.grpc_port)
     # A model's OpenMP threads would otherwise spin for a while after each batch,
     # taking CPU the front ends need (measured: docs/performance.md).
-    env = {
-        "OMP_WAIT_POLICY": "PASSIVE",
-        **os.environ,
-        MULTIPROC_ENV: str(metrics_dir),
-        PARENT_ENV: str(os.getpid()),
-    }
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, PARENT_ENV: str(os.getpid())}
+    env.pop(MULTIPROC_ENV, None)
+    # Front ends write their metrics to files there; the engine keeps its own in
+    # memory and serves them with the files' sums (service/engine.py).
+    front_env = {**env, MULTIPROC_ENV: str(metrics_dir)}
+    engine_env = {**env, METRICS_DIR_ENV: str(metrics_dir)}
     common = [*argv, "--run-dir", str(run_dir), "--grpc-port", str(port)]
-    engine = Child("engine", [*common, "--role", "engine"], env)
-    fronts = [Child(f"frontend {i}", [*common, "--role", "frontend"], env) for i in range(frontends)]
+    engine = Child("engine", [*common, "--role", "engine"], engine_env)
+    fronts = [Child(f"frontend {i}", [*common, "--role", "frontend"], front_env) for i in range(frontends)]
     children = [engine, *fronts]
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -291,7 +292,8 @@ async def run_engine(config: ServerConfig, run_dir: pathlib.Path) -> None:
     stop = _stop_on_sigterm()
     metrics = None
     if config.metrics_port:
-        metrics = start_metrics_server(config.host, config.metrics_port, engine.served_registry())
+        registry = engine.served_registry(os.environ.get(METRICS_DIR_ENV))
+        metrics = start_metrics_server(config.host, config.metrics_port, registry)
         log.info("metrics on http://%s:%d/metrics (every process)", config.host, metrics.port)
     try:
         await engine.start()
@@ -308,8 +310,10 @@ async def run_engine(config: ServerConfig, run_dir: pathlib.Path) -> None:
 async def run_frontend(config: ServerConfig, run_dir: pathlib.Path) -> None:
     from pt2serve.service.cli import tune_process
     from pt2serve.service.frontend import FrontEnd
+    from pt2serve.service.metrics import multiprocess_values
 
     die_with_parent()
+    multiprocess_values()
     front = FrontEnd(config, run_dir)
     stop = _stop_on_sigterm()
     try:

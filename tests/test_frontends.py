@@ -100,6 +100,10 @@ def metric_samples(replica: Replica) -> dict[tuple[str, tuple[tuple[str, str], .
     url = f"http://127.0.0.1:{replica.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
+    # Each family once, whichever processes counted it (the engine keeps its own
+    # metrics in memory, the front ends write files).
+    types = [line for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types)), sorted(t for t in types if types.count(t) > 1)
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)
@@ -223,17 +227,28 @@ def test_metrics_count_each_request_once_with_the_usual_names(server: Replica) -
     run_labels = (("grpc_method", "Run"), ("grpc_service", "pt2serve.v1.Inference"), ("grpc_type", "unary"))
     handled = ("grpc_server_handled_total", (("grpc_code", "OK"), *run_labels))
     started = ("grpc_server_started_total", run_labels)
+    # Refused by the front end that received it: the same series as the engine's.
+    refused = ("pt2serve_inference_requests_total", (("code", "INVALID_ARGUMENT"), ("model", "demo")))
     before = metric_samples(server)
-    sent = 0
+    sent = bad = 0
     for _ in range(CHANNELS):
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.InferenceStub(channel)
             for _ in range(5):
                 stub.Run(run_request("demo", x=torch.randn(1, 16)), timeout=30)
                 sent += 1
+            with pytest.raises(grpc.RpcError):
+                stub.Run(run_request("demo", x=torch.randn(1, 15)), timeout=30)
+            bad += 1
     after = metric_samples(server)
-    for key in (requests_ok, handled, started):
-        assert after[key] - before.get(key, 0.0) == sent, key
+
+    def delta(key: tuple[str, tuple[tuple[str, str], ...]]) -> float:
+        return after[key] - before.get(key, 0.0)
+
+    assert delta(requests_ok) == sent
+    assert delta(handled) == sent
+    assert delta(started) == sent + bad
+    assert delta(refused) == bad
     names = {name for name, _ in after}
     for name in (
         "pt2serve_inference_request_duration_seconds_count",

@@ -16,10 +16,11 @@ import grpc
 import pytest
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pt2serve.loader.errors import ErrorKind
 from pt2serve.service import tensors
-from pt2serve.service.metrics import Metrics, start_metrics_server
+from pt2serve.service.metrics import MergedCollector, Metrics, start_metrics_server
 from pt2serve.service.pb import pt2serve_pb2 as pb
 from tests.conftest import Running, require_tool
 from tests.test_service import expect_error, run_request
@@ -67,6 +68,36 @@ async def produce_traffic(running: Running) -> None:
         running.load_constants(pb.LoadConstantsRequest(name="demo", constants={"hidden.weight": bad})),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
+
+
+def test_merged_collector_adds_up_the_same_series_from_every_source() -> None:
+    engine, front_end = CollectorRegistry(), CollectorRegistry()
+    for registry, answered, refused in ((engine, 3, 0), (front_end, 0, 2)):
+        metrics = Metrics(registry)
+        for _ in range(answered):
+            metrics.request_finished("m", None, 0.002)
+        for _ in range(refused):
+            metrics.request_finished("m", ErrorKind.INVALID_ARGUMENT, 0.0)
+    front_end_only = CollectorRegistry()
+    Metrics(front_end_only).request_finished("other", None, 0.5)
+    merged = CollectorRegistry()
+    merged.register(MergedCollector(engine, front_end, front_end_only))
+    text = generate_latest(merged).decode()
+    types = [line for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types))
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    requests = "pt2serve_inference_requests_total"
+    assert samples[(requests, (("code", "OK"), ("model", "m")))] == 3
+    assert samples[(requests, (("code", "INVALID_ARGUMENT"), ("model", "m")))] == 2
+    assert samples[(requests, (("code", "OK"), ("model", "other")))] == 1
+    duration = "pt2serve_inference_request_duration_seconds"
+    assert samples[(f"{duration}_count", (("model", "m"),))] == 3
+    assert samples[(f"{duration}_bucket", (("le", "0.0025"), ("model", "m")))] == 3
+    assert samples[(f"{duration}_bucket", (("le", "0.001"), ("model", "m")))] == 0
 
 
 async def test_server_exports_what_happened(running: Running) -> None:
