@@ -95,10 +95,14 @@ class ModelScheduler:
         self._drained = asyncio.Event()
         self._capacity = sum(s.capacity for s in self._slots)
         self._workers = WorkerPool(self._capacity, f"pt2serve-{name}")
+        self._loop: asyncio.AbstractEventLoop  # set by start()
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        self._workers.start(asyncio.get_running_loop())
+        # Kept: on Python before 3.12 each asyncio.get_running_loop() is a getpid()
+        # system call, and enqueueing runs for every request.
+        self._loop = asyncio.get_running_loop()
+        self._workers.start(self._loop)
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Refuse new requests, let queued work finish within `grace_s`, fail the rest
@@ -206,7 +210,7 @@ class ModelScheduler:
         if deadline is not None and deadline <= now:
             raise Expired(f"model {self.name!r}: deadline passed before the request was queued")
         bucket = tuple((tuple(t.shape[1:]) if self.batched else tuple(t.shape), t.dtype) for t in inputs)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         future: asyncio.Future[RunResult] = loop.create_future()
         req = PendingRequest(inputs, rows, bucket, priority, deadline, future, now, on_done=on_done)
         if self.adaptive is not None:
@@ -268,7 +272,7 @@ class ModelScheduler:
     def _arm_timer(self, after: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(after, self._dispatch)
+        self._timer = self._loop.call_later(after, self._dispatch)
 
     def _launch(self, slot: RunnerSlot, batch: list[PendingRequest]) -> None:
         slot.in_flight += 1

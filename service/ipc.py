@@ -118,7 +118,9 @@ class FrameLink(asyncio.Protocol):
         self._reader = FrameReader()
         self._out: list[Any] = []
         self._transport: asyncio.Transport | None = None
-        self._loop = asyncio.get_running_loop()
+        # Kept: on Python before 3.12, each asyncio.get_running_loop() is a getpid()
+        # system call (measured: several µs a request on the engine's loop).
+        self.loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -139,7 +141,7 @@ class FrameLink(asyncio.Protocol):
         """Queue a frame for the end of this loop pass, or, with `now`, write it and
         everything queued before it at once."""
         if not self._out and not now:
-            self._loop.call_soon(self._flush)
+            self.loop.call_soon(self._flush)
         self._out.extend(frame)
         if now:
             self._flush()

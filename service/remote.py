@@ -123,7 +123,7 @@ class EnginePlane:
         except Pt2ServeError as exc:
             self._telemetry.request_finished(label, exc.kind, 0.0)
             raise
-        future: asyncio.Future[InferenceResult] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[InferenceResult] = link.loop.create_future()
         self._pending[request_id] = _Pending(future, on_done, label)
         self._idle.clear()
         link.send(frame)
