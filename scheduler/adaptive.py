@@ -24,6 +24,18 @@ It waits just long enough for the rows it expects.
 
 Until batches of two different sizes have been measured it does not wait; sizes
 vary with load by themselves (the queue grows while a runner is busy).
+
+**Under CPU contention** (`Contention.contended`: a thread that feeds the scheduler,
+a front end's event loop or this process's own, wants a CPU all the time and waits
+for one part of it) the rule changes. Requests then queue in front of the starved
+thread, where the scheduler cannot see them, and every batch the scheduler runs
+takes CPU from it: the fixed part of a batch's cost (the scheduler's own Python,
+thread hand-offs) is paid by everyone, whatever the fitted wall time says. So every
+arrival counts towards the rate, not only those that found others out, the fit is
+not consulted, and the wait may last up to `contended_bound_s` (default 5 ms),
+still only as long as the rows expected meanwhile need. Measured on 2 CPUs (docs/performance.md): a 5 ms wait
+behind a starved front end raised throughput by a quarter; without contention, a
+closed loop of a few clients would only lose by it, and the rule above holds.
 """
 
 from __future__ import annotations
@@ -32,16 +44,47 @@ from __future__ import annotations
 GAIN = 0.9
 # Weight of the newest sample in the running averages.
 ALPHA = 0.2
+# A shorter wait is not worth a timer (its wakeup costs about as much), and waits
+# that shrink towards zero near the bound must end.
+MIN_WAIT_S = 50e-6
+
+
+class Contention:
+    """Whether a thread that feeds the schedulers is starved for CPU: each source (an
+    event loop, a front end) reports what the operating system says of it
+    (service/contention.py); every model's AdaptiveWait reads `contended`."""
+
+    __slots__ = ("contended", "_starved")
+
+    def __init__(self) -> None:
+        self.contended = False
+        self._starved: set[object] = set()
+
+    def report(self, source: object, starved: bool) -> None:
+        if starved:
+            self._starved.add(source)
+        else:
+            self._starved.discard(source)
+        self.contended = bool(self._starved)
 
 
 class AdaptiveWait:
-    def __init__(self, bound_s: float, limit: int) -> None:
+    def __init__(
+        self,
+        bound_s: float,
+        limit: int,
+        contended_bound_s: float = 0.0,
+        contention: Contention | None = None,
+    ) -> None:
         self.bound_s = bound_s
         self.limit = limit
+        self.contended_bound_s = contended_bound_s
+        self.contention = contention or Contention()
         # bucket -> (average rows, average seconds)
         self._batches: dict[int, tuple[float, float]] = {}
         # fixed seconds per batch, seconds per row; None until two sizes are known
         self.fit: tuple[float, float] | None = None
+        # Running average of the gaps between all arrivals.
         self._gap_s: float | None = None
         self._last_arrival: float | None = None
         # Share of arrivals that found other requests queued or running.
@@ -79,12 +122,33 @@ class AdaptiveWait:
 
     def hold(self, rows: int, age_s: float) -> float:
         """Seconds to wait before dispatching `rows` waiting rows whose oldest request
-        has waited `age_s`; 0: dispatch now. Never more than `bound_s - age_s`."""
-        remaining = self.bound_s - age_s
-        if remaining <= 0 or rows >= self.limit or self.fit is None or rows < 1:
+        has waited `age_s`; 0: dispatch now. Never more than the bound (`bound_s`, or
+        under contention the larger of it and `contended_bound_s`) less `age_s`, and
+        never less than MIN_WAIT_S."""
+        wait = self._hold(rows, age_s)
+        return wait if wait >= MIN_WAIT_S else 0.0
+
+    def _hold(self, rows: int, age_s: float) -> float:
+        contended = self.contention.contended and self.contended_bound_s > 0
+        bound = max(self.bound_s, self.contended_bound_s) if contended else self.bound_s
+        window = bound - age_s
+        if window <= 0 or rows >= self.limit or rows < 1:
+            return 0.0
+        if contended:
+            # Every batch's fixed cost is CPU taken from the starved thread, whatever
+            # the fit says of its wall time: wait for the rows that keep coming.
+            gap = self._gap_s
+            if gap is None:
+                return 0.0
+            rate = 1.0 / gap if gap > 0 else float("inf")
+            expected = rate * window
+            if expected < 1:
+                return 0.0
+            bigger = min(self.limit, rows + int(min(expected, self.limit)))
+            return min(window, (bigger - rows) / rate)
+        if self.fit is None:
             return 0.0
         fixed, per_row = self.fit
-        window = remaining
         rate = self.rate
         expected = rate * window
         if expected < 1:

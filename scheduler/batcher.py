@@ -25,7 +25,7 @@ from typing import TypeVar
 import torch
 
 from pt2serve.loader.errors import ExecutionFailed, Expired, InvalidInput, Overloaded, Unavailable
-from pt2serve.scheduler.adaptive import AdaptiveWait
+from pt2serve.scheduler.adaptive import AdaptiveWait, Contention
 from pt2serve.scheduler.batches import (
     PendingRequest,
     Runner,
@@ -61,6 +61,7 @@ class ModelScheduler:
         pad_to: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         telemetry: Telemetry | None = None,
+        contention: Contention | None = None,
     ) -> None:
         if not slots:
             raise ValueError("a scheduler needs at least one runner slot")
@@ -80,7 +81,14 @@ class ModelScheduler:
         # user fixed a delay, nor for a model without a batch dimension.
         adaptive = config.adaptive_delay_us > 0 and config.max_queue_delay_us == 0 and batched
         self.adaptive = (
-            AdaptiveWait(config.adaptive_delay_us / 1e6, config.max_batch_size) if adaptive else None
+            AdaptiveWait(
+                config.adaptive_delay_us / 1e6,
+                config.max_batch_size,
+                config.contended_delay_us / 1e6,
+                contention,
+            )
+            if adaptive
+            else None
         )
         self._queue = RequestQueue(name, config, batched, self.adaptive)
         self._in_flight = 0

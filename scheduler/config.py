@@ -22,6 +22,10 @@ class BatchingConfig:
     # Without a fixed delay: the most an idle runner may wait for a fuller batch when
     # measured batch costs say waiting pays (scheduler/adaptive.py); 0: never.
     adaptive_delay_us: int = 1000
+    # The same, while a thread that feeds the scheduler is starved for CPU (a front
+    # end's event loop, or this process's): then every batch's fixed cost takes CPU
+    # from it, and a longer wait pays (scheduler/adaptive.py); 0: no longer wait.
+    contended_delay_us: int = 5000
     # Requests waiting in the queue, all priorities together.
     max_queue_size: int = 1024
     # Applied when a request sets no timeout (0: the caller's deadline only).
@@ -40,8 +44,16 @@ class BatchingConfig:
             raise InvalidInput(f"max_queue_size must be at least 1, got {self.max_queue_size}")
         if self.priority_levels < 1:
             raise InvalidInput(f"priority_levels must be at least 1, got {self.priority_levels}")
-        if min(self.max_queue_delay_us, self.default_timeout_us, self.adaptive_delay_us) < 0:
-            raise InvalidInput("max_queue_delay, adaptive_delay and default_timeout must not be negative")
+        delays = (
+            self.max_queue_delay_us,
+            self.default_timeout_us,
+            self.adaptive_delay_us,
+            self.contended_delay_us,
+        )
+        if min(delays) < 0:
+            raise InvalidInput(
+                "max_queue_delay, adaptive_delay, contended_delay and default_timeout must not be negative"
+            )
         if self.max_rows_per_request < 0:
             raise InvalidInput("max_rows_per_request must not be negative")
         if any(s < 1 or s > (self.max_batch_size or s) for s in self.preferred_batch_sizes):

@@ -21,6 +21,7 @@ from pt2serve.loader.errors import (
 from pt2serve.loader.package import LoadOptions, ModelPackage
 from pt2serve.loader.schema import ModelSchema
 from pt2serve.loader.weights import open_weights
+from pt2serve.scheduler.adaptive import Contention
 from pt2serve.scheduler.batcher import ModelScheduler, RunnerSlot, SchedulerStats
 from pt2serve.scheduler.config import BatchingConfig, ModelConfig, fit_batching
 from pt2serve.scheduler.telemetry import NoTelemetry, Telemetry
@@ -95,6 +96,9 @@ class LoadedModel:
 class ModelRegistry:
     def __init__(self, telemetry: Telemetry | None = None) -> None:
         self.telemetry: Telemetry = telemetry or NoTelemetry()
+        # Set by the service while a thread that feeds the schedulers is starved
+        # for CPU; every model's adaptive batching reads it.
+        self.contention = Contention()
         self._models: dict[str, LoadedModel] = {}
         self._loading: set[str] = set()
         self._closing = False
@@ -207,6 +211,7 @@ class ModelRegistry:
             batched=schema.batched,
             pad_to=schema.static_batch,
             telemetry=self.telemetry,
+            contention=self.contention,
         )
         model = LoadedModel(config, bindings, scheduler)
         if config.weights:

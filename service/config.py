@@ -200,6 +200,7 @@ BATCHING_KEYS: dict[str, tuple[str, Reader]] = {
     "max_batch_size": ("max_batch_size", _as(int)),
     "max_queue_delay_us": ("max_queue_delay_us", _as(int)),
     "adaptive_delay_us": ("adaptive_delay_us", _as(int)),
+    "contended_delay_us": ("contended_delay_us", _as(int)),
     "max_queue_delay_ms": ("max_queue_delay_us", lambda value, base: round(float(value) * 1000)),
     "max_queue_size": ("max_queue_size", _as(int)),
     "default_timeout_us": ("default_timeout_us", _as(int)),

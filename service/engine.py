@@ -112,6 +112,7 @@ class _Link(ipc.FrameLink):
         super().__init__()
         self._engine = engine
         self._data = engine.server.manager.data
+        self._contention = engine.server.manager.registry.contention
         self._tickets: dict[int, Ticket] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -123,6 +124,7 @@ class _Link(ipc.FrameLink):
         # The front end is gone: withdraw what it was waiting for.
         super().connection_lost(exc)
         self._engine.links.discard(self)
+        self._contention.report(self, False)
         tickets, self._tickets = self._tickets, {}
         for ticket in tickets.values():
             ticket.cancel()
@@ -135,6 +137,8 @@ class _Link(ipc.FrameLink):
             ticket = self._tickets.pop(ipc.unpack_id(frame), None)
             if ticket is not None:
                 ticket.cancel()
+        elif kind == ipc.STARVED:
+            self._contention.report(self, ipc.unpack_starved(frame))
         else:
             log.error("front end sent an unknown frame %r; closing its connection", kind)
             self.close()

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from pt2serve.scheduler.manager import ModelManager
 from pt2serve.service.calls import CallPolicy, Registrar
 from pt2serve.service.config import ServerConfig
+from pt2serve.service.contention import StarvationProbe
 from pt2serve.service.engine import data_socket, grpc_address
 from pt2serve.service.errors import CallsInFlight
 from pt2serve.service.forward import forwarding, served_here
@@ -78,6 +79,7 @@ class FrontEnd:
         self._server = server
         log_listening(cfg, self.port, token)
         self._spawn(self.plane.connect(data_socket(self.run_dir), self._stop))
+        self._spawn(StarvationProbe(self.plane.set_starved).run())
         return self.port
 
     async def stop(self) -> None:

@@ -13,6 +13,8 @@ Frames (little-endian), each `u32 length` then the payload:
     result    'O' u64 id, u64 constants version, u8 n, n*(str name, tensor)
     error     'E' u64 id, u8 error kind, str message (u32 length)
     state     'S' pickled EngineState (engine to front end, on connect and change)
+    starved   'P' u8 0|1: the front end's event loop is (no longer) starved for CPU
+              (service/contention.py), sent when that changes
 
     str       u16 length, UTF-8;  tensor  u8 dtype, u8 ndim, ndim*i64, u64 nbytes, bytes
 """
@@ -46,7 +48,7 @@ from pt2serve.loader.errors import (
 )
 from pt2serve.loader.schema import ModelSchema
 
-REQUEST, CANCEL, RESULT, ERROR, STATE = b"R", b"C", b"O", b"E", b"S"
+REQUEST, CANCEL, RESULT, ERROR, STATE, STARVED = b"R", b"C", b"O", b"E", b"S", b"P"
 _LENGTH = struct.Struct("<I")
 _REQUEST = struct.Struct("<cQddH")
 _ID = struct.Struct("<cQ")
@@ -325,6 +327,14 @@ def error_of(kind: ErrorKind, message: str) -> Pt2ServeError:
 
 
 # ------------------------------------------------------------------- state
+def pack_starved(starved: bool) -> list[Any]:
+    return _framed([STARVED + (b"\1" if starved else b"\0")])
+
+
+def unpack_starved(frame: bytearray) -> bool:
+    return frame[1:2] == b"\1"
+
+
 def pack_state(state: EngineState) -> list[Any]:
     return _framed([STATE + pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)])
 

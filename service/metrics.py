@@ -222,6 +222,12 @@ class ModelStateCollector(Collector):
             version.add_metric([name], model.constants_version)
             updated.add_metric([name], model.constants_updated_at)
         yield from (ready, depth, capacity, in_flight, runners, version, updated)
+        yield GaugeMetricFamily(
+            "pt2serve_cpu_contended",
+            "1 while an event loop that feeds the schedulers is starved for CPU (batches then wait "
+            "up to contended_delay_us for more rows).",
+            value=1.0 if self._manager.registry.contention.contended else 0.0,
+        )
 
 
 class GrpcMetrics:

@@ -70,6 +70,9 @@ class EnginePlane:
         self._idle = asyncio.Event()
         self._idle.set()
         self.changed: Callable[[], None] = lambda: None
+        # This front end's event loop is starved for CPU (service/contention.py);
+        # the engine batches longer while any front end is.
+        self.starved = False
 
     @property
     def connected(self) -> bool:
@@ -150,6 +153,13 @@ class EnginePlane:
 
     def attach(self, link: _EngineLink) -> None:
         self._link = link
+        if self.starved:
+            link.send(ipc.pack_starved(True))
+
+    def set_starved(self, starved: bool) -> None:
+        self.starved = starved
+        if self._link is not None:
+            self._link.send(ipc.pack_starved(starved))
 
     def detach(self) -> None:
         """The engine is gone: every request it held is answered UNAVAILABLE, so

@@ -19,6 +19,7 @@ from pt2serve.scheduler.dataplane import InferencePlane
 from pt2serve.scheduler.manager import ModelManager
 from pt2serve.service.calls import CallPolicy, Registrar
 from pt2serve.service.config import ServerConfig
+from pt2serve.service.contention import StarvationProbe
 from pt2serve.service.errors import CallsInFlight
 from pt2serve.service.health import SERVICES, ModelHealth
 from pt2serve.service.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
@@ -75,6 +76,7 @@ class Pt2Server:
         self.ready = False
         self._server: grpc.aio.Server | None = None
         self._calls = CallsInFlight()
+        self._probe: asyncio.Future[None] | None = None
         # Set when shutdown begins: inference streams stop reading and end UNAVAILABLE.
         self.draining = asyncio.Event()
 
@@ -108,6 +110,11 @@ class Pt2Server:
             await self.manager.load(model)
         await self.health.set_server(True)
         self.ready = True
+        # This process's event loop feeds the schedulers (in an engine process the
+        # front ends report theirs too): batch longer while it is starved for CPU.
+        contention = self.manager.registry.contention
+        probe = StarvationProbe(lambda starved: contention.report(self, starved))
+        self._probe = asyncio.ensure_future(probe.run())
         return self.port
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -120,6 +127,8 @@ class Pt2Server:
         grace = self.config.drain_grace_s if grace_s is None else grace_s
         deadline = time.monotonic() + grace
         self.ready = False
+        if self._probe is not None:
+            self._probe.cancel()
         self.draining.set()
         try:
             await self.health.set_server(False)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pt2serve.scheduler.adaptive import AdaptiveWait
+from pt2serve.scheduler.adaptive import AdaptiveWait, Contention
 from pt2serve.scheduler.batches import PendingRequest
 from pt2serve.scheduler.config import BatchingConfig
 from pt2serve.scheduler.queue import RequestQueue
@@ -39,10 +39,14 @@ def simulate(
     fixed_s: float,
     per_row_s: float,
     bound_s: float,
+    contended_bound_s: float = 0.0,
+    contended: Callable[[float], bool] = lambda now: False,
 ) -> tuple[list[tuple[float, float, float]], AdaptiveWait]:
     """Serve `arrivals` (times) with one runner; returns, per batch, (dispatched at,
-    runner free since, oldest request's arrival), and the policy as it ended."""
-    adaptive = AdaptiveWait(bound_s, LIMIT)
+    runner free since, oldest request's arrival), and the policy as it ended.
+    `contended(now)`: whether a feeding thread is starved for CPU at that time."""
+    contention = Contention()
+    adaptive = AdaptiveWait(bound_s, LIMIT, contended_bound_s, contention)
     queue = RequestQueue("m", BatchingConfig(max_batch_size=LIMIT), True, adaptive)
     inputs = [torch.zeros(1, 4)]
     events: list[tuple[float, int, str]] = [(t, i, "arrive") for i, t in enumerate(sorted(arrivals))]
@@ -53,6 +57,7 @@ def simulate(
     batches: list[tuple[float, float, float]] = []
     while events:
         now, _, kind = heapq.heappop(events)
+        contention.report("probe", contended(now))
         if kind == "arrive":
             adaptive.arrived(now, busy or queue.size > 0)
             queue.push(PendingRequest(inputs, 1, BUCKET, 0, None, loop.create_future(), now))
@@ -152,3 +157,61 @@ def test_a_closed_loop_client_with_one_request_in_flight_never_waits(loop: async
         adaptive.ran(len(batch), cost)
         adaptive.ran(LIMIT, cost)
         now += cost + 50e-6  # answered, then the client sends its next request
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    gaps=st.lists(st.floats(min_value=0.0, max_value=0.004), min_size=1, max_size=300),
+    fixed_s=st.floats(min_value=0.0, max_value=0.002),
+    per_row_s=st.floats(min_value=0.0, max_value=0.0002),
+    bound_s=st.floats(min_value=0.0, max_value=0.005),
+    contended_bound_s=st.floats(min_value=0.0, max_value=0.01),
+    flips=st.lists(st.floats(min_value=0.0, max_value=1.2), max_size=8),
+)
+def test_under_contention_no_request_waits_past_the_longer_bound(
+    loop: asyncio.AbstractEventLoop,
+    gaps: list[float],
+    fixed_s: float,
+    per_row_s: float,
+    bound_s: float,
+    contended_bound_s: float,
+    flips: list[float],
+) -> None:
+    # Contention switches on and off at the `flips` times, as a probe reports it.
+    arrivals = [sum(gaps[: i + 1]) for i in range(len(gaps))]
+    switches = sorted(flips)
+
+    def contended(now: float) -> bool:
+        return sum(1 for t in switches if t <= now) % 2 == 1
+
+    batches, _ = simulate(loop, arrivals, fixed_s, per_row_s, bound_s, contended_bound_s, contended)
+    longest = max(bound_s, contended_bound_s)
+    for dispatched, free_since, oldest in batches:
+        assert dispatched <= max(free_since, oldest + longest) + 1e-9
+
+
+def test_contention_fills_batches_a_free_runner_would_send_at_once(loop: asyncio.AbstractEventLoop) -> None:
+    # A request every 500 µs, batches that take 100 µs whatever their size: the
+    # runner is free when each request comes, so nothing arrives while another is
+    # out, and the uncontended rule sends every request alone.
+    arrivals = [i * 500e-6 for i in range(400)]
+    calm, _ = simulate(loop, arrivals, 100e-6, 0.0, 1e-3, 5e-3)
+    assert all(dispatched == oldest for dispatched, _, oldest in calm)
+    # A starved feeding thread: every batch takes CPU from it, so the runner waits
+    # (up to 5 ms) for the rows that keep coming.
+    starved, _ = simulate(loop, arrivals, 100e-6, 0.0, 1e-3, 5e-3, lambda now: True)
+    assert len(arrivals) / len(starved) >= 8
+    assert all(dispatched - oldest <= 5e-3 + 1e-9 for dispatched, _, oldest in starved)
+    # contended_delay_us = 0 turns the longer wait off.
+    off, _ = simulate(loop, arrivals, 100e-6, 0.0, 1e-3, 0.0, lambda now: True)
+    assert all(dispatched == oldest for dispatched, _, oldest in off)
+
+
+def test_contention_is_reported_per_source() -> None:
+    contention = Contention()
+    contention.report("front end 1", True)
+    contention.report("front end 2", True)
+    contention.report("front end 1", False)
+    assert contention.contended
+    contention.report("front end 2", False)
+    assert not contention.contended
