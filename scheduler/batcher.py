@@ -278,9 +278,16 @@ class ModelScheduler:
             self._note_drained()  # taking may have dropped expired requests
 
     def _arm_timer(self, after: float) -> None:
+        at = self._loop.time() + after
         if self._timer is not None:
+            if not self._timer.cancelled() and self._timer.when() <= at:
+                return  # due no earlier than needed: it dispatches (and re-arms) then
             self._timer.cancel()
-        self._timer = self._loop.call_later(after, self._dispatch)
+        self._timer = self._loop.call_at(at, self._timer_due)
+
+    def _timer_due(self) -> None:
+        self._timer = None
+        self._dispatch()
 
     def _launch(self, slot: RunnerSlot, batch: list[PendingRequest]) -> None:
         slot.in_flight += 1

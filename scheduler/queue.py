@@ -26,17 +26,29 @@ class RequestQueue:
         ]
         # Live (QUEUED) requests; withdrawn ones stay in the deques until passed over.
         self.size = 0
+        # Live rows by bucket: how full the next batch would be, without a scan
+        # (`take` runs on every arrival while a batch waits to fill).
+        self._rows: dict[object, int] = {}
 
     def push(self, req: PendingRequest) -> None:
         self._queues[req.priority].append(req)
         self.size += 1
+        self._rows[req.bucket] = self._rows.get(req.bucket, 0) + req.rows
+
+    def _left(self, req: PendingRequest) -> None:
+        self.size -= 1
+        left = self._rows[req.bucket] - req.rows
+        if left:
+            self._rows[req.bucket] = left
+        else:
+            del self._rows[req.bucket]
 
     def withdraw(self, req: PendingRequest, error: BaseException | None) -> None:
         """Take a queued request out (lazily: `take` skips it): resolved with `error`,
         or cancelled. Requests that already left the queue are not touched."""
         if req.state is not State.QUEUED:
             return
-        self.size -= 1
+        self._left(req)
         req.state = State.DONE
         if error is not None:
             resolve(req, error)
@@ -49,12 +61,7 @@ class RequestQueue:
         head = self._head(now)
         if head is None:
             return None, None
-        candidates = [
-            r
-            for r in itertools.chain.from_iterable(self._queues)
-            if r.state is State.QUEUED and r.bucket == head.bucket
-        ]
-        waiting = sum(r.rows for r in candidates)
+        waiting = self._rows[head.bucket]
         filled = waiting >= self._limit or waiting in self._config.preferred_batch_sizes
         if not filled:
             age = now - head.enqueued_at
@@ -62,6 +69,11 @@ class RequestQueue:
                 return None, self._delay - age
             if self._adaptive is not None and (hold := self._adaptive.hold(waiting, age)) > 0:
                 return None, hold
+        candidates = [
+            r
+            for r in itertools.chain.from_iterable(self._queues)
+            if r.state is State.QUEUED and r.bucket == head.bucket
+        ]
         target = self._target_rows(waiting)
         batch: list[PendingRequest] = []
         rows = 0
@@ -77,7 +89,7 @@ class RequestQueue:
                 break
         for req in batch:
             req.state = State.RUNNING
-            self.size -= 1
+            self._left(req)
         return batch or None, None
 
     def fail_all(self, error: BaseException) -> None:

@@ -32,6 +32,15 @@ def tensor_of(dtype_index: int, shape: list[int]) -> torch.Tensor:
     return raw.view(element.torch).reshape(shape) if shape else raw[: element.itemsize].view(element.torch)[0]
 
 
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes and bits (arbitrary bytes make NaNs, which never equal themselves)."""
+    return a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(-1).view(torch.uint8)
+
+
 def framed(parts: list[object]) -> bytearray:
     """The payload of one frame, as FrameReader hands it over."""
     data = b"".join(bytes(p) for p in parts)  # type: ignore[call-overload]
@@ -58,10 +67,10 @@ def test_requests_and_results_cross_unchanged(
     assert (request.timeout_s, request.deadline, request.output_names) == (timeout, deadline, ("a", "b"))
     assert list(request.inputs) == list(inputs)
     for name, tensor in inputs.items():
-        assert request.inputs[name].dtype == tensor.dtype and torch.equal(request.inputs[name], tensor)
+        assert request.inputs[name].dtype == tensor.dtype and same_bytes(request.inputs[name], tensor)
     request_id, version, outputs = ipc.unpack_result(framed(ipc.pack_result(9, 3, inputs)))
     assert (request_id, version, list(outputs)) == (9, 3, list(inputs))
-    assert all(torch.equal(outputs[n], t) for n, t in inputs.items())
+    assert all(same_bytes(outputs[n], t) for n, t in inputs.items())
 
 
 @given(kind=st.sampled_from(list(ErrorKind)), message=st.text(max_size=300))
@@ -182,3 +191,12 @@ async def test_a_lost_engine_answers_every_waiting_request_unavailable(engine: E
     assert not engine.plane.ready and engine.plane.in_flight == 0
     with pytest.raises(Unavailable, match="not ready"):
         await engine.plane.infer("m", decode(torch.randn(1, 4)))  # type: ignore[arg-type]
+
+
+async def test_a_starved_front_end_tells_the_engine_when_that_changes(engine: Engine) -> None:
+    engine.plane.set_starved(True)
+    frame = await engine.next_frame()
+    assert frame[:1] == ipc.STARVED and ipc.unpack_starved(frame)
+    engine.plane.set_starved(False)
+    frame = await engine.next_frame()
+    assert frame[:1] == ipc.STARVED and not ipc.unpack_starved(frame)
