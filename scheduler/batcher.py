@@ -98,7 +98,8 @@ class ModelScheduler:
         self._paused = 0
         self._exclusive_lock = asyncio.Lock()
         self._closing = False
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_at = 0.0
         # Set once closing and nothing is queued or running.
         self._drained = asyncio.Event()
         self._capacity = sum(s.capacity for s in self._slots)
@@ -107,9 +108,7 @@ class ModelScheduler:
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        # Kept: on Python before 3.12 each asyncio.get_running_loop() is a getpid()
-        # system call, and enqueueing runs for every request.
-        self._loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()  # kept: on Python 3.11 each call is a getpid()
         self._workers.start(self._loop)
 
     async def close(self, grace_s: float = 0.0) -> None:
@@ -278,11 +277,12 @@ class ModelScheduler:
             self._note_drained()  # taking may have dropped expired requests
 
     def _arm_timer(self, after: float) -> None:
-        at = self._loop.time() + after
+        at = self._loop.time() + after  # (uvloop's handle of a timer due within 1 ms lacks when())
         if self._timer is not None:
-            if not self._timer.cancelled() and self._timer.when() <= at:
+            if self._timer_at <= at:
                 return  # due no earlier than needed: it dispatches (and re-arms) then
             self._timer.cancel()
+        self._timer_at = at
         self._timer = self._loop.call_at(at, self._timer_due)
 
     def _timer_due(self) -> None:
