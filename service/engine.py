@@ -166,6 +166,11 @@ class _Link(ipc.FrameLink):
             self._tickets[request_id] = self._data.submit(request.model, decode, done)
         except Pt2ServeError as exc:
             self.send(ipc.pack_error(request_id, exc))
+        except Exception as exc:
+            # A bug must cost this request, not the connection and every request
+            # of the front end waiting on it.
+            log.exception("request %d could not be queued", request_id)
+            self.send(ipc.pack_error(request_id, ExecutionFailed(f"internal error: {exc}")))
 
     def _answer(self, request_id: int, outcome: InferenceResult | BaseException) -> None:
         if isinstance(outcome, InferenceResult):
