@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         "--frontends",
         type=frontends_value,
         help="gRPC front-end processes before one engine process; 0: one process; "
-        "default auto: one per two CPUs, at most 8 (README, Processes)",
+        "default auto: one per CPU, at most 8 (README, Processes)",
     )
     serve.add_argument("--role", choices=["engine", "frontend"], help=argparse.SUPPRESS)
     serve.add_argument("--run-dir", help=argparse.SUPPRESS)

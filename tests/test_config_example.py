@@ -44,7 +44,7 @@ def test_process_settings_take_effect() -> None:
 
 
 def test_frontends_is_a_count_or_auto(tmp_path: pathlib.Path) -> None:
-    assert [default_frontends(cpus) for cpus in (1, 2, 3, 8, 16, 64)] == [0, 1, 1, 4, 8, 8]
+    assert [default_frontends(cpus) for cpus in (1, 2, 3, 8, 16, 64)] == [0, 2, 3, 8, 8, 8]
     config = tmp_path / "server.toml"
     for text, expected in (('"auto"', None), ("0", 0), ("3", 3)):
         config.write_text(f"[server]\nfrontends = {text}\n")
