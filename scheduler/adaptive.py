@@ -33,9 +33,10 @@ takes CPU from it: the fixed part of a batch's cost (the scheduler's own Python,
 thread hand-offs) is paid by everyone, whatever the fitted wall time says. So every
 arrival counts towards the rate, not only those that found others out, the fit is
 not consulted, and the wait may last up to `contended_bound_s` (default 5 ms),
-still only as long as the rows expected meanwhile need. Measured on 2 CPUs (docs/performance.md): a 5 ms wait
-behind a starved front end raised throughput by a quarter; without contention, a
-closed loop of a few clients would only lose by it, and the rule above holds.
+still only as long as the rows expected meanwhile need. Measured on 2 CPUs
+(docs/performance.md): a 5 ms wait behind a starved front end raised throughput by a
+quarter; without contention, a closed loop of a few clients would only lose by it,
+and the rule above holds.
 """
 
 from __future__ import annotations
