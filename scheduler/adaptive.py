@@ -135,29 +135,25 @@ class AdaptiveWait:
         window = bound - age_s
         if window <= 0 or rows >= self.limit or rows < 1:
             return 0.0
+        fit = self.fit
         if contended:
             # Every batch's fixed cost is CPU taken from the starved thread, whatever
             # the fit says of its wall time: wait for the rows that keep coming.
             gap = self._gap_s
-            if gap is None:
-                return 0.0
-            rate = 1.0 / gap if gap > 0 else float("inf")
-            expected = rate * window
-            if expected < 1:
-                return 0.0
-            bigger = min(self.limit, rows + int(min(expected, self.limit)))
-            return min(window, (bigger - rows) / rate)
-        if self.fit is None:
+            rate = 0.0 if gap is None else (1.0 / gap if gap > 0 else float("inf"))
+        elif fit is None:
             return 0.0
-        fixed, per_row = self.fit
-        rate = self.rate
+        else:
+            rate = self.rate
         expected = rate * window
         if expected < 1:
             return 0.0
         bigger = min(self.limit, rows + int(min(expected, self.limit)))
-        if fixed / bigger + per_row <= GAIN * (fixed / rows + per_row):
-            return min(window, (bigger - rows) / rate)
-        return 0.0
+        if not contended and fit is not None:
+            fixed, per_row = fit
+            if fixed / bigger + per_row > GAIN * (fixed / rows + per_row):
+                return 0.0
+        return min(window, (bigger - rows) / rate)
 
 
 def _line(points: list[tuple[float, float]]) -> tuple[float, float] | None:
