@@ -27,16 +27,18 @@ vary with load by themselves (the queue grows while a runner is busy).
 
 **Under CPU contention** (`Contention.contended`: a thread that feeds the scheduler,
 a front end's event loop or this process's own, wants a CPU all the time and waits
-for one part of it) the rule changes. Requests then queue in front of the starved
-thread, where the scheduler cannot see them, and every batch the scheduler runs
-takes CPU from it: the fixed part of a batch's cost (the scheduler's own Python,
-thread hand-offs) is paid by everyone, whatever the fitted wall time says. So every
-arrival counts towards the rate, not only those that found others out, the fit is
-not consulted, and the wait may last up to `contended_bound_s` (default 5 ms),
-still only as long as the rows expected meanwhile need. Measured on 2 CPUs
+for one part of it, or waits for one a third of the time) the rule changes.
+Requests then queue in front of the starved thread, where the scheduler cannot see
+them, and every batch the scheduler runs takes CPU from it: the fixed part of a
+batch's cost (the scheduler's own Python, thread hand-offs) is paid by everyone,
+whatever the fitted wall time says. So every arrival counts towards the rate, not
+only those that found others out, the fit is not consulted, and the wait may last
+up to `contended_bound_s` (default 10 ms), still only as long as the rows expected
+meanwhile need. Measured on 2 CPUs
 (docs/performance.md): a 5 ms wait behind a starved front end raised throughput by a
-quarter; without contention, a closed loop of a few clients would only lose by it,
-and the rule above holds.
+quarter; a 10 ms bound gave the compute-bound model batches of 25 rows instead of 14
+and took a tenth off the CPU per request; without contention, a closed loop of a few
+clients would only lose by it, and the rule above holds.
 """
 
 from __future__ import annotations

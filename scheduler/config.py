@@ -25,7 +25,7 @@ class BatchingConfig:
     # The same, while a thread that feeds the scheduler is starved for CPU (a front
     # end's event loop, or this process's): then every batch's fixed cost takes CPU
     # from it, and a longer wait pays (scheduler/adaptive.py); 0: no longer wait.
-    contended_delay_us: int = 5000
+    contended_delay_us: int = 10000
     # Requests waiting in the queue, all priorities together.
     max_queue_size: int = 1024
     # Applied when a request sets no timeout (0: the caller's deadline only).

@@ -1,19 +1,26 @@
 """Whether this process's event loop is starved for CPU, from what Linux reports.
 
-The event loop's thread is *starved* when, over a window, it wanted a CPU nearly all
-the time (running, or runnable and waiting on a run queue) and spent a noticeable
-part of that waiting. Then requests pile up in front of it where no scheduler can see
-them (in gRPC's buffers), and CPU spent anywhere else on the machine, an engine's
-batches included, slows it down. Adaptive batching waits longer for fuller batches
-while any loop that feeds it is starved (scheduler/adaptive.py).
+The event loop's thread is *starved* when, over a window, either
+- it wanted a CPU nearly all the time (running, or runnable and waiting on a run
+  queue) and spent a noticeable part of that waiting: it has no idle time, and
+  requests pile up in front of it where no scheduler can see them (in gRPC's
+  buffers); or
+- it waited on a run queue for a large share of the wall time, idle moments or
+  not: the machine's CPUs are oversubscribed (a compute-bound model's intra-op
+  threads take every core while a batch runs).
+Either way, CPU spent anywhere else on the machine, an engine's batches included,
+slows it down. Adaptive batching waits longer for fuller batches while any loop that
+feeds it is starved (scheduler/adaptive.py).
 
 Source: `/proc/self/task/<tid>/schedstat` (time on a CPU and time waiting on a run queue,
 in nanoseconds, per thread; Linux with schedstats, which distribution kernels have).
 Elsewhere the probe reports nothing and batching keeps its uncontended rule.
 
 Measured on 2 CPUs (docs/performance.md), as shares of wall time of a front end's
-loop thread: 64 requests in flight, 84 % on a CPU and 14 % waiting for one (starved);
-4 in flight, 74 % and 11 %; 1 in flight, 50 % and 7 %.
+loop thread, with two front ends: the small model at 64 requests in flight, 84 % on
+a CPU and 14 % waiting for one (starved by the first rule); at 4 in flight, 15-52 %
+and 10-23 %; at 1 in flight, 50 % and 7 %; the compute-bound model at 64 in flight,
+29-57 % and 30-47 % (starved by the second rule).
 """
 
 from __future__ import annotations
@@ -28,11 +35,13 @@ log = logging.getLogger(__name__)
 
 WINDOW_S = 0.2
 # Starved from the window in which the thread wanted a CPU this share of the time
-# and waited for one at least WAITING of it; no longer once it wants a CPU less than
-# BUSY_OFF of the time (hysteresis: the longer batching waits take load off the
-# CPUs, so the thread then waits less for one, but it still has no idle time).
+# and waited for one at least WAITING of it, or waited for one at least QUEUED of the
+# time; no longer once it wants a CPU less than BUSY_OFF of the time and waits less
+# than QUEUED_OFF (hysteresis: the longer batching waits take load off the CPUs, so
+# the thread then waits less for one, but the CPUs are still oversubscribed).
 BUSY, WAITING = 0.95, 0.05
 BUSY_OFF = 0.90
+QUEUED, QUEUED_OFF = 0.35, 0.25
 
 
 def _schedstat_path() -> str | None:
@@ -70,8 +79,8 @@ class StarvationProbe:
         """The verdict for a window in which the thread wanted a CPU `busy` of the
         time (0..1), `waiting` of it on a run queue."""
         if self.starved:
-            return busy >= BUSY_OFF
-        return busy >= BUSY and waiting >= WAITING
+            return busy >= BUSY_OFF or waiting >= QUEUED_OFF
+        return (busy >= BUSY and waiting >= WAITING) or waiting >= QUEUED
 
     async def run(self) -> None:
         """Until cancelled."""

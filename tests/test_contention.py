@@ -9,15 +9,29 @@ import time
 
 import pytest
 
-from pt2serve.service.contention import BUSY, BUSY_OFF, WAITING, StarvationProbe, read_schedstat
+from pt2serve.service.contention import (
+    BUSY,
+    BUSY_OFF,
+    QUEUED,
+    QUEUED_OFF,
+    WAITING,
+    StarvationProbe,
+    read_schedstat,
+)
 
 
-def test_starved_only_when_the_thread_wants_a_cpu_all_the_time_and_waits_for_one() -> None:
+def test_starved_when_the_thread_wants_a_cpu_all_the_time_or_waits_long_for_one() -> None:
     heard: list[bool] = []
     probe = StarvationProbe(heard.append)
-    # 1 in flight, 4 in flight (measured shares on 2 CPUs): idle now and then.
+    # 1 in flight, 4 in flight (measured shares on 2 CPUs): idle now and then, and
+    # the waits for a CPU short.
     assert not probe.judge(0.57, 0.07)
     assert not probe.judge(0.85, 0.11)
+    assert not probe.judge(0.68, 0.23)
+    # A compute-bound model at 64 in flight: idle moments, but a third of the time
+    # waiting for a CPU that the model's threads hold.
+    assert probe.judge(0.86, 0.43)
+    assert probe.judge(QUEUED, QUEUED)
     # Busy all the time on a CPU of its own (a big machine): nothing to gain.
     assert not probe.judge(0.99, 0.01)
     # 64 in flight on 2 CPUs: starved.
@@ -25,13 +39,14 @@ def test_starved_only_when_the_thread_wants_a_cpu_all_the_time_and_waits_for_one
     assert probe.judge(BUSY, WAITING)
 
 
-def test_once_starved_it_stays_so_while_the_thread_has_no_idle_time() -> None:
+def test_once_starved_it_stays_so_while_the_thread_has_no_idle_time_or_waits_long() -> None:
     probe = StarvationProbe(lambda starved: None)
     probe.starved = True
     # Longer batching waits take load off the CPUs: less waiting, still no idle time.
     assert probe.judge(0.97, 0.0)
     assert probe.judge(BUSY_OFF, 0.0)
-    assert not probe.judge(BUSY_OFF - 0.01, 0.2)
+    assert probe.judge(0.5, QUEUED_OFF)
+    assert not probe.judge(BUSY_OFF - 0.01, QUEUED_OFF - 0.01)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's schedstat")
