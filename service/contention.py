@@ -17,10 +17,11 @@ in nanoseconds, per thread; Linux with schedstats, which distribution kernels ha
 Elsewhere the probe reports nothing and batching keeps its uncontended rule.
 
 Measured on 2 CPUs (docs/performance.md), as shares of wall time of a front end's
-loop thread, with two front ends: the small model at 64 requests in flight, 84 % on
-a CPU and 14 % waiting for one (starved by the first rule); at 4 in flight, 15-52 %
-and 10-23 %; at 1 in flight, 50 % and 7 %; the compute-bound model at 64 in flight,
-29-57 % and 30-47 % (starved by the second rule).
+loop thread (on a CPU, waiting for one): the small model behind one front end at 64
+requests in flight, 84 % and 14 % (starved by the first rule), at 4 in flight 74 % and
+11 %, at 1 in flight 50 % and 7 %; behind two front ends at 4 in flight, 15-52 % and
+10-23 %; the compute-bound model behind two at 64 in flight, 29-57 % and 30-47 %
+(starved by the second rule).
 """
 
 from __future__ import annotations
