@@ -240,12 +240,14 @@ def document(table: str, args: argparse.Namespace) -> str:
     return (
         "# Unary benchmark (h2load)\n\n"
         "Written by `python -m bench.unary` (see its docstring): single-row native `Run` "
-        "requests, pre-serialised, from h2load; the three servers run side by side and take "
-        f"turns, {args.rounds} rounds of {args.requests:,} requests at 64 in flight "
+        "requests, pre-serialised, from h2load; the servers run side by side and take "
+        f"turns ({', '.join(args.servers.split(','))}), {args.rounds} rounds of "
+        f"{args.requests:,} requests at 64 in flight "
         f"({max(args.requests // 6, 100):,} at 1). Only ratios within one run are "
         "meaningful: client and servers share the machine.\n\n"
         f"- Machine: {os.cpu_count()} CPUs; torch {torch.__version__}\n"
-        f"- pt2serve: max_batch_size {MAX_BATCH}, num_runners 1; no-batching: max_batch_size 1\n\n"
+        f"- pt2serve: max_batch_size {MAX_BATCH}, num_runners 1, front ends as named (the engine "
+        "behind them), default batching settings; no-batching: 2 front ends, max_batch_size 1\n\n"
         f"{table}\n"
     )
 
