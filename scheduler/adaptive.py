@@ -34,11 +34,11 @@ batch's cost (the scheduler's own Python, thread hand-offs) is paid by everyone,
 whatever the fitted wall time says. So every arrival counts towards the rate, not
 only those that found others out, the fit is not consulted, and the wait may last
 up to `contended_bound_s` (default 10 ms), still only as long as the rows expected
-meanwhile need. Measured on 2 CPUs
-(docs/performance.md): a 5 ms wait behind a starved front end raised throughput by a
-quarter; a 10 ms bound gave the compute-bound model batches of 25 rows instead of 14
-and took a tenth off the CPU per request; without contention, a closed loop of a few
-clients would only lose by it, and the rule above holds.
+meanwhile need. Measured on 2 CPUs (docs/performance.md): a 5 ms wait behind a
+starved front end raised throughput by a quarter; a 10 ms bound gave the
+compute-bound model batches of 25 rows instead of 14 and took a tenth off the CPU per
+request; without contention, a closed loop of a few clients would only lose by it,
+and the rule above holds.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class AdaptiveWait:
         window = bound - age_s
         if window <= 0 or rows >= self.limit or rows < 1:
             return 0.0
-        fit = self.fit
+        fit = None if contended else self.fit  # under contention the fit is not consulted
         if contended:
             # Every batch's fixed cost is CPU taken from the starved thread, whatever
             # the fit says of its wall time: wait for the rows that keep coming.
@@ -151,7 +151,7 @@ class AdaptiveWait:
         if expected < 1:
             return 0.0
         bigger = min(self.limit, rows + int(min(expected, self.limit)))
-        if not contended and fit is not None:
+        if fit is not None:
             fixed, per_row = fit
             if fixed / bigger + per_row > GAIN * (fixed / rows + per_row):
                 return 0.0

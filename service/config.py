@@ -107,10 +107,11 @@ class ServerConfig:
 
 def default_frontends(cpus: int | None = None) -> int:
     """Front ends for `frontends = "auto"`: one per CPU this process may use, at most 8;
-    one process (0) on a single CPU. Measured on 2 CPUs (docs/performance.md), two
-    front ends answered the overhead-bound demo model at 1.02-1.04x the null server
-    in two runs, one front end at 0.78-0.85x and one process at 0.53-0.57x; a lone
-    request pays about 0.1 ms more than with one front end."""
+    one process (0) on a single CPU. Measured on 2 CPUs over five runs (README,
+    Processes; docs/performance.md), two front ends answered the overhead-bound demo
+    model at 0.83-1.04x the null server, one front end at 0.70-0.87x and one process
+    at 0.53-0.74x; a lone request took between 0.06 ms less and 0.21 ms more behind
+    two than behind one."""
     cpus = usable_cpus() if cpus is None else cpus
     return 0 if cpus < 2 else min(8, cpus)
 
