@@ -74,6 +74,7 @@ class Child:
         self.ready = asyncio.Event()
         self.starts = 0
         self.backoff_s = FIRST_BACKOFF_S
+        self._listener: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         read_fd, write_fd = os.pipe()
@@ -91,7 +92,9 @@ class Child:
         finally:
             os.close(write_fd)
         log.info("%s started (pid %d)", self.role, self.proc.pid)
-        asyncio.ensure_future(self._listen(read_fd))
+        # Kept: the loop holds tasks weakly, and one collected while it waits never
+        # hears "ready" (seen: a server that never became ready).
+        self._listener = asyncio.ensure_future(self._listen(read_fd))
 
     async def _listen(self, read_fd: int) -> None:
         loop = asyncio.get_running_loop()

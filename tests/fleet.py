@@ -88,6 +88,7 @@ class Replica:
             if self.log.read_text().count("ready:") >= self.starts:
                 return
             time.sleep(0.05)
+        self.kill()  # not left running after the test that started it fails
         raise AssertionError(f"{self.name} not ready: {self.log.read_text()}")
 
     def stop(self) -> int:
