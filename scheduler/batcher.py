@@ -265,14 +265,13 @@ class ModelScheduler:
         a constant update ended."""
         # Every request calls this; while all runners are busy it must cost nothing.
         while not self._paused and self._in_flight < self._capacity:
-            free = [s for s in self._slots if s.in_flight < s.capacity]
-            slot = min(free, key=lambda s: s.in_flight / s.capacity)
             batch, wait = self._queue.take(self._clock())
             if batch is None:
                 if wait is not None:
                     self._arm_timer(wait)
                 break
-            self._launch(slot, batch)
+            free = [s for s in self._slots if s.in_flight < s.capacity]  # chosen per batch, not per arrival
+            self._launch(min(free, key=lambda s: s.in_flight / s.capacity), batch)
         if self._closing:
             self._note_drained()  # taking may have dropped expired requests
 

@@ -62,6 +62,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self._children: dict[tuple[Any, ...], Any] = {}
+        # request_finished's two children by (model, outcome): one lookup a request.
+        self._finished: dict[tuple[str, ErrorKind | None], tuple[Any, Any]] = {}
         r = registry
         self.requests = Counter(
             "pt2serve_inference_requests",
@@ -161,9 +163,16 @@ class Metrics:
             self._child(self.rows, model).inc(rows)
 
     def request_finished(self, model: str, outcome: ErrorKind | None, seconds: float) -> None:
-        self._child(self.requests, model, grpc_code_name(outcome)).inc()
-        if outcome is None:
-            self._child(self.request_seconds, model).observe(seconds)
+        children = self._finished.get((model, outcome))
+        if children is None:
+            children = self._finished[model, outcome] = (
+                self._child(self.requests, model, grpc_code_name(outcome)),
+                self._child(self.request_seconds, model) if outcome is None else None,
+            )
+        count, latency = children
+        count.inc()
+        if latency is not None:
+            latency.observe(seconds)
 
     def request_cancelled(self, model: str, seconds: float) -> None:
         self.cancelled.labels(model).inc()
