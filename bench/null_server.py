@@ -19,6 +19,7 @@ import grpc
 import torch
 from prometheus_client import CollectorRegistry
 
+from pt2serve.loader.dtypes import RawTensor
 from pt2serve.service import tensors
 from pt2serve.service.calls import CallPolicy, Registrar
 from pt2serve.service.cli import tune_process
@@ -35,9 +36,11 @@ class NullInference(pb_grpc.InferenceServicer):
         self._width = output_width
 
     def _answer(self, request: pb.RunRequest) -> pb.RunResponse:
-        inputs = tensors.tensors_from_pb(request.inputs, "inputs")
+        # Decoded and answered as pt2serve's front ends do (checked bytes, no torch).
+        inputs = tensors.raw_tensors_from_pb(request.inputs, "inputs")
         rows = next(iter(inputs.values())).shape[0] if inputs else 1
-        output = tensors.tensor_to_pb(torch.zeros(rows, self._width))
+        zeros = RawTensor(torch.float32, (rows, self._width), bytes(4 * rows * self._width))
+        output = tensors.tensor_to_pb(zeros)
         return pb.RunResponse(model=request.model, request_id=request.request_id, outputs={"output": output})
 
     async def Run(self, request: pb.RunRequest, context: Any) -> pb.RunResponse:

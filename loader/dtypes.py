@@ -6,7 +6,9 @@ exists. Names are torch's (`float32`), the schema's and the CLI's.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -55,3 +57,43 @@ def name_of(dtype: torch.dtype) -> str:
     if found is None:
         raise InvalidInput(f"dtype {dtype} is not supported")
     return found.name
+
+
+class TensorLike(Protocol):
+    """What request validation reads of an input: a torch tensor, or a RawTensor."""
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RawTensor:
+    """A tensor as the wire carried it: dtype, shape and little-endian, row-major bytes
+    whose length the decoder checked against the shape.
+
+    Front ends pass inputs and answers on as RawTensors: no torch call per request on
+    their event loops (each takes tens of µs cold, and releases the GIL). The process
+    that runs the model makes them torch tensors (`tensor()`).
+    """
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    data: bytes
+
+    def tensor(self) -> torch.Tensor:
+        """A torch tensor owning a copy of the bytes (writable: the runtime may write
+        into its inputs)."""
+        element = BY_TORCH[self.dtype]
+        if math.prod(self.shape) == 0:
+            return torch.empty(self.shape, dtype=self.dtype)
+        array = np.frombuffer(bytearray(self.data), dtype=element.numpy).reshape(self.shape)
+        tensor = torch.from_numpy(array)
+        return tensor.view(torch.bfloat16) if self.dtype == torch.bfloat16 else tensor
+
+
+# A tensor as decoders produce it and answers carry it: a torch tensor, or (bytes not
+# yet made one, on a front end's path to and from the engine) a RawTensor.
+AnyTensor = torch.Tensor | RawTensor

@@ -14,14 +14,15 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from pt2serve.loader.dtypes import BY_TORCH, DTYPES
+from pt2serve.loader.dtypes import BY_TORCH, DTYPES, TensorLike
 from pt2serve.loader.errors import InvalidInput, PackageError, shown
 
 METADATA_KEY = "pt2serve.schema"
+T = TypeVar("T", bound=TensorLike)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,9 +125,7 @@ class ModelSchema:
             return 1
         return max((s.dims[0].min for s in self.inputs if s.dims), default=1)
 
-    def validate(
-        self, inputs: Mapping[str, torch.Tensor], *, row_limit: int | None = None
-    ) -> list[torch.Tensor]:
+    def validate(self, inputs: Mapping[str, T], *, row_limit: int | None = None) -> list[T]:
         """Check `inputs` against the schema; return them in call order.
 
         `row_limit` replaces the package's bound on dim 0 of a batched model (the
@@ -144,7 +143,7 @@ class ModelSchema:
             raise InvalidInput(
                 f"unknown input {shown(unknown[0])}; expected inputs: {', '.join(self.input_names)}"
             )
-        ordered: list[torch.Tensor] = []
+        ordered: list[T] = []
         rows: dict[str, int] = {}
         for spec in self.inputs:
             tensor = inputs.get(spec.name)
@@ -159,9 +158,7 @@ class ModelSchema:
             raise InvalidInput(f"inputs disagree on the batch dimension (dim 0): {listed}")
         return ordered
 
-    def _validate_fast(
-        self, inputs: Mapping[str, torch.Tensor], row_limit: int | None
-    ) -> list[torch.Tensor] | None:
+    def _validate_fast(self, inputs: Mapping[str, T], row_limit: int | None) -> list[T] | None:
         """The common case in a few comparisons: every input present with its dtype
         and fixed dims. None sends the request through the full check, which names
         what is wrong (or accepts what this one cannot decide)."""
@@ -255,7 +252,7 @@ def _name_or_none(dtype: torch.dtype) -> str | None:
     return None if found is None else found.name
 
 
-def _check_tensor(spec: TensorSpec, tensor: torch.Tensor, batch_dim: Dim | None) -> None:
+def _check_tensor(spec: TensorSpec, tensor: TensorLike, batch_dim: Dim | None) -> None:
     if spec.dtype is not None and _name_or_none(tensor.dtype) != spec.dtype:
         got = _name_or_none(tensor.dtype) or str(tensor.dtype)
         raise InvalidInput(f"input {spec.name!r}: dtype {got}, expected {spec.dtype}")

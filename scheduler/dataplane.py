@@ -9,10 +9,9 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-import torch
-
+from pt2serve.loader.dtypes import AnyTensor, RawTensor, TensorLike
 from pt2serve.loader.errors import ErrorKind, ExecutionFailed, InvalidInput, Pt2ServeError, shown
 from pt2serve.loader.schema import ModelSchema
 from pt2serve.scheduler.batches import RunResult
@@ -31,15 +30,18 @@ class InferenceOptions:
     output_names: tuple[str, ...] = ()
 
 
+T = TypeVar("T", bound=TensorLike)
+
+
 @dataclass(frozen=True, slots=True)
 class InferenceResult:
-    outputs: dict[str, torch.Tensor]
+    outputs: dict[str, AnyTensor]
     constants_version: int
 
 
 # Turns a protocol's request into inputs by name and options; raises Pt2ServeError
 # for a request that cannot be decoded (counted as refused).
-Decode = Callable[[], tuple[Mapping[str, torch.Tensor], InferenceOptions]]
+Decode = Callable[[], tuple[Mapping[str, AnyTensor], InferenceOptions]]
 # Hears how a submitted request ended, unless its caller cancelled it.
 OnDone = Callable[[InferenceResult | BaseException], None]
 
@@ -67,10 +69,10 @@ class InferencePlane(Protocol):
 def accept(
     schema: ModelSchema,
     model: str,
-    inputs: Mapping[str, torch.Tensor],
+    inputs: Mapping[str, T],
     options: InferenceOptions,
     row_limit: int,
-) -> list[torch.Tensor]:
+) -> list[T]:
     """A request's inputs in call order, once they match the schema and its requested
     outputs exist; InvalidInput naming the field otherwise."""
     unknown = [n for n in options.output_names if n not in schema.output_names]
@@ -107,9 +109,10 @@ class Ticket:
                 f"model {self._model!r} returned {len(result.outputs)} outputs, "
                 f"its schema names {len(self._names)}"
             )
-        pairs = zip(self._names, result.outputs, strict=True)
-        outputs = {n: t for n, t in pairs if not self._wanted or n in self._wanted}
-        return InferenceResult(outputs, result.constants_version)
+        if self._wanted:
+            pairs = zip(self._names, result.outputs, strict=True)
+            return InferenceResult({n: t for n, t in pairs if n in self._wanted}, result.constants_version)
+        return InferenceResult(dict(zip(self._names, result.outputs, strict=True)), result.constants_version)
 
 
 class DataPlane:
@@ -141,9 +144,10 @@ class DataPlane:
         """
         started = time.monotonic()
         try:
-            inputs, options = decode()
+            decoded, options = decode()
             loaded = self._registry.get(model)
             schema = loaded.schema
+            inputs = {n: t.tensor() if isinstance(t, RawTensor) else t for n, t in decoded.items()}
             ordered = accept(schema, model, inputs, options, loaded.batching.row_limit)
             ticket = Ticket(model, schema.output_names, options.output_names)
 

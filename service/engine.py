@@ -174,8 +174,11 @@ class _Link(ipc.FrameLink):
 
     def _answer(self, request_id: int, outcome: InferenceResult | BaseException) -> None:
         if isinstance(outcome, InferenceResult):
-            self.send(ipc.pack_result(request_id, outcome.constants_version, outcome.outputs))
-            return
+            try:
+                self.send(ipc.pack_result(request_id, outcome.constants_version, outcome.outputs))
+                return
+            except Pt2ServeError as exc:  # an output of a dtype the wire does not carry
+                outcome = ExecutionFailed(f"model answered, but {exc}")
         if not isinstance(outcome, Pt2ServeError):
             log.error("request failed: %r", outcome)
             outcome = ExecutionFailed(f"internal error: {outcome}")

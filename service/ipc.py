@@ -8,7 +8,7 @@ no per-element copy) and read back with numpy views into the received frame.
 Frames (little-endian), each `u32 length` then the payload:
 
     request   'R' u64 id, f64 deadline, f64 timeout (NaN: none), u16 priority,
-              str model, u8 n, n*str output, u8 n, n*tensor
+              str model, u8 n, n*str output, u8 n, n*(str name, tensor)
     cancel    'C' u64 id
     result    'O' u64 id, u64 constants version, u8 n, n*(str name, tensor)
     error     'E' u64 id, u8 error kind, str message (u32 length)
@@ -25,14 +25,14 @@ import asyncio
 import math
 import pickle
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
 
-from pt2serve.loader.dtypes import BY_TORCH, TYPES
+from pt2serve.loader.dtypes import TYPES, AnyTensor, RawTensor
 from pt2serve.loader.errors import (
     AccessDenied,
     ErrorKind,
@@ -56,10 +56,9 @@ _RESULT = struct.Struct("<cQQ")
 _ERROR = struct.Struct("<cQB")
 _STR = struct.Struct("<H")
 _U32 = struct.Struct("<I")
-_TENSOR = struct.Struct("<BB")
-_NBYTES = struct.Struct("<Q")
 _COUNT = struct.Struct("<B")
 _DTYPE_CODE = {t.torch: i for i, t in enumerate(TYPES)}
+_BFLOAT16 = _DTYPE_CODE[torch.bfloat16]
 _KINDS = tuple(ErrorKind)
 # One error class per kind, so the front end raises what the engine raised.
 _ERRORS: dict[ErrorKind, type[Pt2ServeError]] = {
@@ -74,6 +73,7 @@ _ERRORS: dict[ErrorKind, type[Pt2ServeError]] = {
     ErrorKind.INTERNAL: ExecutionFailed,
 }
 NONE = math.nan
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,62 +169,116 @@ def _str(text: str) -> bytes:
     return _STR.pack(len(raw)) + raw
 
 
-def _tensor_parts(tensor: torch.Tensor, parts: list[Any]) -> None:
-    if tensor.dtype == torch.bfloat16:
-        array = tensor.view(torch.int16).numpy()
-    else:
-        array = tensor.numpy()
-    array = np.ascontiguousarray(array)
-    # An empty tensor has no buffer to view (and no bytes to send).
-    data: Any = memoryview(array).cast("B") if array.size else b""  # type: ignore[arg-type]
-    shape = tensor.shape
-    parts.append(
-        _TENSOR.pack(_DTYPE_CODE[tensor.dtype], len(shape))
-        + struct.pack(f"<{len(shape)}q", *shape)
-        + _NBYTES.pack(len(data) if isinstance(data, bytes) else data.nbytes)
-    )
-    parts.append(data)
+def _dims(ndim: int) -> struct.Struct:
+    """The struct of a tensor's head after its dtype code: ndim, dims, nbytes."""
+    packer = _DIMS.get(ndim)
+    if packer is None:
+        packer = _DIMS[ndim] = struct.Struct(f"<B{ndim}qQ")
+    return packer
 
 
-class _Cursor:
-    __slots__ = ("frame", "at")
+_DIMS: dict[int, struct.Struct] = {}
 
-    def __init__(self, frame: bytearray, at: int) -> None:
-        self.frame = frame
-        self.at = at
 
-    def count(self) -> int:
-        value: int = self.frame[self.at]
-        self.at += 1
-        return value
+def _tensor_head(code: int, shape: Sequence[int], nbytes: int) -> bytes:
+    return bytes((code,)) + _dims(len(shape)).pack(len(shape), *shape, nbytes)
 
-    def text(self, wide: bool = False) -> str:
-        size_struct = _U32 if wide else _STR
-        (size,) = size_struct.unpack_from(self.frame, self.at)
-        start = self.at + size_struct.size
-        self.at = start + size
-        return self.frame[start : self.at].decode()
 
-    def tensor(self) -> torch.Tensor:
-        code, ndim = _TENSOR.unpack_from(self.frame, self.at)
-        shape = struct.unpack_from(f"<{ndim}q", self.frame, self.at + 2)
-        start = self.at + 2 + 8 * ndim
-        (nbytes,) = _NBYTES.unpack_from(self.frame, start)
-        start += 8
-        self.at = start + nbytes
-        element = TYPES[code]
-        if nbytes == 0:
-            return torch.empty(shape, dtype=element.torch)
-        array = np.frombuffer(self.frame, dtype=element.numpy, count=nbytes // element.itemsize, offset=start)
-        tensor = torch.from_numpy(array.reshape(shape))
-        return tensor.view(torch.bfloat16) if element.torch == torch.bfloat16 else tensor
+def _tensor_parts(tensor: torch.Tensor, code: int, head: bytes, parts: list[Any]) -> int:
+    """Append `head` and the tensor's own head as one buffer, then its bytes (a view,
+    no copy, for a contiguous tensor); returns the bytes appended. Runs for every
+    output of every answer on the engine's loop: a handful of calls."""
+    array = (tensor.view(torch.int16) if code == _BFLOAT16 else tensor).numpy()
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+    nbytes: int = array.nbytes
+    head += _tensor_head(code, array.shape, nbytes)
+    parts.append(head)
+    if nbytes:  # an empty tensor has no buffer to view (and no bytes to send)
+        parts.append(memoryview(array).cast("B"))  # type: ignore[arg-type]
+    return len(head) + nbytes
+
+
+def _framed_tensors(head: bytes, tensors: Mapping[str, AnyTensor], field: str) -> list[Any]:
+    """A frame of `head` then `u8 n, n*(str name, tensor)`: the length, then one
+    buffer of heads and one of bytes per tensor. InvalidInput naming `field` for a
+    dtype the wire does not carry."""
+    head += _COUNT.pack(len(tensors))
+    parts: list[Any] = [b""]  # the length, once known
+    size = 0
+    for name, tensor in tensors.items():
+        code = _DTYPE_CODE.get(tensor.dtype)
+        if code is None:
+            raise InvalidInput(f"{field}[{name!r}]: dtype {tensor.dtype} cannot be sent")
+        head += _str(name)
+        if isinstance(tensor, RawTensor):  # as the client sent it: no torch call
+            head += _tensor_head(code, tensor.shape, len(tensor.data))
+            parts += (head, tensor.data)
+            size += len(head) + len(tensor.data)
+        else:
+            if tensor.requires_grad or not tensor.is_cpu:
+                tensor = tensor.detach().cpu()
+            size += _tensor_parts(tensor, code, head, parts)
+        head = b""
+    if head:  # no tensors
+        parts.append(head)
+        size = len(head)
+    parts[0] = _LENGTH.pack(size)
+    return parts
+
+
+def _text_at(frame: bytearray, at: int) -> tuple[str, int]:
+    (size,) = _STR.unpack_from(frame, at)
+    start = at + 2
+    return frame[start : start + size].decode(), start + size
+
+
+def _read_head(frame: bytearray, at: int) -> tuple[int, list[int], int, int]:
+    """The tensor head at `at`: dtype code, shape, byte count, where its bytes start."""
+    ndim = frame[at + 1]
+    *shape, nbytes = _dims(ndim).unpack_from(frame, at + 1)[1:]
+    return frame[at], shape, nbytes, at + 2 + 8 * ndim + 8
+
+
+def _tensor_at(frame: bytearray, at: int) -> tuple[torch.Tensor, int]:
+    """The tensor at `at` (a view into `frame`, which it keeps alive), and where the
+    next field starts."""
+    code, shape, nbytes, start = _read_head(frame, at)
+    element = TYPES[code]
+    if nbytes == 0:
+        return torch.empty(shape, dtype=element.torch), start
+    array = np.frombuffer(frame, dtype=element.numpy, count=nbytes // element.itemsize, offset=start)
+    tensor = torch.from_numpy(array.reshape(shape))
+    if code == _BFLOAT16:
+        tensor = tensor.view(torch.bfloat16)
+    return tensor, start + nbytes
+
+
+def _raw_tensor_at(frame: bytearray, at: int) -> tuple[AnyTensor, int]:
+    """The tensor at `at` as a RawTensor (a copy of its bytes), and where the next
+    field starts."""
+    code, shape, nbytes, start = _read_head(frame, at)
+    end = start + nbytes
+    return RawTensor(TYPES[code].torch, tuple(shape), bytes(frame[start:end])), end
+
+
+def _named(frame: bytearray, at: int, read: Callable[[bytearray, int], tuple[T, int]]) -> dict[str, T]:
+    """The `u8 n, n*(str name, tensor)` that ends a request or a result."""
+    count = frame[at]
+    at += 1
+    tensors = {}
+    for _ in range(count):
+        name, at = _text_at(frame, at)
+        tensor, at = read(frame, at)
+        tensors[name] = tensor
+    return tensors
 
 
 # ---------------------------------------------------------------- requests
 def pack_request(
     request_id: int,
     model: str,
-    inputs: Mapping[str, torch.Tensor],
+    inputs: Mapping[str, AnyTensor],
     *,
     priority: int,
     timeout_s: float | None,
@@ -238,14 +292,8 @@ def pack_request(
         NONE if timeout_s is None else timeout_s,
         priority,
     )
-    text = [_str(model), _COUNT.pack(len(output_names)), *map(_str, output_names), _COUNT.pack(len(inputs))]
-    parts: list[Any] = [head + b"".join(text)]
-    for name, tensor in inputs.items():
-        if tensor.dtype not in BY_TORCH:
-            raise InvalidInput(f"inputs[{name!r}]: dtype {tensor.dtype} cannot be sent")
-        parts.append(_str(name))
-        _tensor_parts(tensor, parts)
-    return _framed(parts)
+    head += b"".join([_str(model), _COUNT.pack(len(output_names)), *map(_str, output_names)])
+    return _framed_tensors(head, inputs, "inputs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,20 +309,20 @@ class Request:
 
 def unpack_request(frame: bytearray) -> Request:
     _, request_id, deadline, timeout_s, priority = _REQUEST.unpack_from(frame, 0)
-    cursor = _Cursor(frame, _REQUEST.size)
-    model = cursor.text()
-    outputs = tuple(cursor.text() for _ in range(cursor.count()))
-    inputs = {}
-    for _ in range(cursor.count()):
-        name = cursor.text()
-        inputs[name] = cursor.tensor()
+    model, at = _text_at(frame, _REQUEST.size)
+    outputs: tuple[str, ...] = ()
+    count = frame[at]
+    at += 1
+    for _ in range(count):
+        name, at = _text_at(frame, at)
+        outputs += (name,)
     return Request(
         request_id,
         model,
-        inputs,
+        _named(frame, at, _tensor_at),
         priority,
-        None if math.isnan(timeout_s) else timeout_s,
-        None if math.isnan(deadline) else deadline,
+        None if timeout_s != timeout_s else timeout_s,  # NaN: none
+        None if deadline != deadline else deadline,
         outputs,
     )
 
@@ -289,24 +337,21 @@ def unpack_id(frame: bytearray) -> int:
 
 
 # --------------------------------------------------------------- responses
-def pack_result(request_id: int, constants_version: int, outputs: Mapping[str, torch.Tensor]) -> list[Any]:
-    parts: list[Any] = [_RESULT.pack(RESULT, request_id, constants_version) + _COUNT.pack(len(outputs))]
-    for name, tensor in outputs.items():
-        if tensor.requires_grad or not tensor.is_cpu:
-            tensor = tensor.detach().cpu()
-        parts.append(_str(name))
-        _tensor_parts(tensor, parts)
-    return _framed(parts)
+def pack_result(request_id: int, constants_version: int, outputs: Mapping[str, AnyTensor]) -> list[Any]:
+    """An answer: the length, then for each output one buffer of heads and one of
+    bytes (a view of the output's memory)."""
+    return _framed_tensors(_RESULT.pack(RESULT, request_id, constants_version), outputs, "outputs")
 
 
 def unpack_result(frame: bytearray) -> tuple[int, int, dict[str, torch.Tensor]]:
     _, request_id, version = _RESULT.unpack_from(frame, 0)
-    cursor = _Cursor(frame, _RESULT.size)
-    outputs = {}
-    for _ in range(cursor.count()):
-        name = cursor.text()
-        outputs[name] = cursor.tensor()
-    return request_id, version, outputs
+    return request_id, version, _named(frame, _RESULT.size, _tensor_at)
+
+
+def unpack_raw_result(frame: bytearray) -> tuple[int, int, dict[str, AnyTensor]]:
+    """A result whose outputs stay bytes (RawTensor): a front end only encodes them."""
+    _, request_id, version = _RESULT.unpack_from(frame, 0)
+    return request_id, version, _named(frame, _RESULT.size, _raw_tensor_at)
 
 
 def pack_error(request_id: int, error: Pt2ServeError) -> list[Any]:
@@ -318,7 +363,9 @@ def pack_error(request_id: int, error: Pt2ServeError) -> list[Any]:
 
 def unpack_error(frame: bytearray) -> tuple[int, Pt2ServeError]:
     _, request_id, kind = _ERROR.unpack_from(frame, 0)
-    message = _Cursor(frame, _ERROR.size).text(wide=True)
+    (size,) = _U32.unpack_from(frame, _ERROR.size)
+    start = _ERROR.size + _U32.size
+    message = frame[start : start + size].decode()
     return request_id, _ERRORS[_KINDS[kind]](message)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from pt2serve.loader.dtypes import BY_TORCH, TYPES
+from pt2serve.loader.dtypes import BY_TORCH, TYPES, AnyTensor
 from pt2serve.loader.errors import InvalidInput, ModelNotFound, Pt2ServeError, shown
 from pt2serve.loader.schema import ModelSchema, TensorSpec
 from pt2serve.scheduler.config import ModelConfig
@@ -32,7 +32,7 @@ from pt2serve.service.pb import grpc_service_pb2 as v2
 from pt2serve.service.pb import grpc_service_pb2_grpc as v2_grpc
 from pt2serve.service.servicer import Context, deadline_of
 from pt2serve.service.streams import StreamProtocol, serve_stream
-from pt2serve.service.tensors import check_shape, tensor_bytes, tensor_from_wire
+from pt2serve.service.tensors import check_shape, raw_tensor, tensor_bytes
 
 PLATFORM = "pytorch_aoti"
 MODEL_VERSION = "1"
@@ -74,7 +74,7 @@ def _param_number(params: Mapping[str, v2.InferParameter], key: str) -> int | No
     raise InvalidInput(f"parameters[{shown(key)}]: expected an integer, got {choice}")
 
 
-def decode_inputs(request: v2.ModelInferRequest, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+def decode_inputs(request: v2.ModelInferRequest, max_bytes: int | None = None) -> dict[str, AnyTensor]:
     """The request's input tensors, from raw contents (preferred) or typed contents."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
@@ -82,7 +82,7 @@ def decode_inputs(request: v2.ModelInferRequest, max_bytes: int | None = None) -
             f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: "
             "give every input raw, or none"
         )
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, AnyTensor] = {}
     for i, spec in enumerate(request.inputs):
         field = f"inputs[{shown(spec.name)}]"
         if spec.name in tensors:
@@ -94,7 +94,7 @@ def decode_inputs(request: v2.ModelInferRequest, max_bytes: int | None = None) -
         if raw:
             if spec.HasField("contents"):
                 raise InvalidInput(f"{field}: has typed contents while raw_input_contents is used")
-            tensors[spec.name] = tensor_from_wire(
+            tensors[spec.name] = raw_tensor(
                 field,
                 raw[i],
                 element.name,
@@ -138,7 +138,7 @@ def _stream_refusal(request: v2.ModelInferRequest, error: Pt2ServeError) -> v2.M
 
 
 def encode_response(
-    request: v2.ModelInferRequest, outputs: Mapping[str, torch.Tensor], constants_version: int
+    request: v2.ModelInferRequest, outputs: Mapping[str, AnyTensor], constants_version: int
 ) -> v2.ModelInferResponse:
     response = v2.ModelInferResponse(
         model_name=request.model_name, model_version=MODEL_VERSION, id=request.id
@@ -260,7 +260,7 @@ class KServeServicer(v2_grpc.GRPCInferenceServiceServicer):
     # ---------------------------------------------------------- inference
     def _decode(
         self, request: v2.ModelInferRequest, context: Context
-    ) -> tuple[Mapping[str, torch.Tensor], InferenceOptions]:
+    ) -> tuple[Mapping[str, AnyTensor], InferenceOptions]:
         _check_version(request.model_version)
         inputs = decode_inputs(request, self._max_tensor_bytes)
         priority = _param_number(request.parameters, "priority")

@@ -225,7 +225,7 @@ class _EngineLink(ipc.FrameLink):
     def received(self, frame: bytearray) -> None:
         kind = frame[:1]
         if kind == ipc.RESULT:
-            request_id, version, outputs = ipc.unpack_result(frame)
+            request_id, version, outputs = ipc.unpack_raw_result(frame)
             self._plane.answered(request_id, InferenceResult(outputs, version))
         elif kind == ipc.ERROR:
             self._plane.answered(*ipc.unpack_error(frame))

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
-import torch
 
 from pt2serve.loader import defaults
+from pt2serve.loader.dtypes import RawTensor
 from pt2serve.loader.errors import InvalidInput, Pt2ServeError
 from pt2serve.scheduler.config import ModelConfig
 from pt2serve.scheduler.constants import ConstantUpdateResult
@@ -225,8 +225,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     def _decode(
         self, request: pb.RunRequest, context: Context
-    ) -> tuple[Mapping[str, torch.Tensor], InferenceOptions]:
-        inputs = tensors.tensors_from_pb(request.inputs, "inputs", self._max_tensor_bytes)
+    ) -> tuple[Mapping[str, RawTensor], InferenceOptions]:
+        inputs = tensors.raw_tensors_from_pb(request.inputs, "inputs", self._max_tensor_bytes)
         options = InferenceOptions(
             priority=request.priority,
             timeout_s=request.timeout_us / 1e6 if request.timeout_us else None,

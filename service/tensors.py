@@ -1,8 +1,11 @@
 """Tensors on the pt2serve.v1 wire: `Tensor` messages and chunked constants.
 
-Wire bytes are little-endian and row-major. They are decoded with numpy, not torch
-ops: every torch op releases and re-takes the GIL, and with a runner thread waiting
-for it that is a thread switch per request on the event loop.
+Wire bytes are little-endian and row-major. Inference inputs are checked against
+their declared dtype and shape and kept as bytes (`RawTensor`): a front end sends
+them to the engine, and answers back to the client, without a torch call. The data
+plane that runs the model makes them tensors, with numpy, not torch ops: every
+torch op releases and re-takes the GIL, and with a runner thread waiting for it
+that is a thread switch per request on the event loop.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pt2serve.loader.dtypes import BY_NAME, BY_TORCH, TYPES
+from pt2serve.loader.dtypes import BY_NAME, BY_TORCH, TYPES, AnyTensor, RawTensor
 from pt2serve.loader.errors import InvalidInput, shown
 from pt2serve.service.pb import pt2serve_pb2 as pb
 
@@ -63,17 +66,22 @@ def dtype_from_pb(value: pb.DType) -> str | None:
     return _FROM_PB.get(value)
 
 
-def tensor_from_pb(msg: pb.Tensor, field: str, max_bytes: int | None = None) -> torch.Tensor:
-    """Decode a wire tensor; `field` names it in errors (e.g. "inputs['x']")."""
+def raw_tensor_from_pb(msg: pb.Tensor, field: str, max_bytes: int | None = None) -> RawTensor:
+    """Check a wire tensor; `field` names it in errors (e.g. "inputs['x']")."""
     name = _FROM_PB.get(msg.dtype)
     if name is None:
         label = pb.DType.Name(msg.dtype) if msg.dtype in pb.DType.values() else str(msg.dtype)
         raise InvalidInput(f"{field}: dtype {label} is not supported")
     # Each read of a bytes field is a copy: read it once.
-    return tensor_from_wire(field, msg.data, name, list(msg.shape), max_bytes)
+    return raw_tensor(field, msg.data, name, list(msg.shape), max_bytes)
 
 
-def tensor_from_wire(
+def tensor_from_pb(msg: pb.Tensor, field: str, max_bytes: int | None = None) -> torch.Tensor:
+    """Decode a wire tensor into a torch tensor owning its memory."""
+    return raw_tensor_from_pb(msg, field, max_bytes).tensor()
+
+
+def raw_tensor(
     field: str,
     data: bytes,
     dtype_name: str,
@@ -82,33 +90,24 @@ def tensor_from_wire(
     *,
     data_has: str = "data has",
     type_label: str | None = None,
-) -> torch.Tensor:
-    """Check a client's shape and bytes against each other and the server's limit, then
-    decode. `data_has` and `type_label` name the protocol's own fields in errors."""
-    size = BY_NAME[dtype_name].itemsize
+) -> RawTensor:
+    """Check a client's shape and bytes against each other and the server's limit.
+    `data_has` and `type_label` name the protocol's own fields in errors."""
+    element = BY_NAME[dtype_name]
+    size = element.itemsize
     expected = check_shape(field, shape, size, max_bytes) * size
     if len(data) != expected:
         raise InvalidInput(
             f"{field}: {data_has} {len(data)} bytes, shape {shape} of {type_label or dtype_name} "
             f"needs {expected}"
         )
-    return tensor_from_bytes(data, dtype_name, shape)
+    return RawTensor(element.torch, tuple(shape), data)
 
 
-def tensor_from_bytes(data: bytes, dtype_name: str, shape: list[int]) -> torch.Tensor:
-    """A tensor owning a copy of little-endian, row-major `data` (length checked)."""
-    element = BY_NAME[dtype_name]
-    if math.prod(shape) == 0:
-        return torch.empty(shape, dtype=element.torch)
-    # bytearray copies once: the tensor must own writable memory (the runtime
-    # may write into its inputs).
-    array = np.frombuffer(bytearray(data), dtype=element.numpy).reshape(shape)
-    tensor = torch.from_numpy(array)
-    return tensor.view(torch.bfloat16) if dtype_name == "bfloat16" else tensor
-
-
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
+def tensor_bytes(tensor: AnyTensor) -> bytes:
     """`tensor` as little-endian, row-major bytes, whatever its strides or device."""
+    if isinstance(tensor, RawTensor):
+        return tensor.data
     if tensor.requires_grad or not tensor.is_cpu:  # no torch op otherwise (see module doc)
         tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: send its bits
@@ -116,13 +115,13 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.numpy().tobytes()
 
 
-def tensor_to_pb(tensor: torch.Tensor) -> pb.Tensor:
+def tensor_to_pb(tensor: AnyTensor) -> pb.Tensor:
     msg = pb.Tensor()
     fill_tensor_pb(msg, tensor)
     return msg
 
 
-def fill_tensor_pb(msg: pb.Tensor, tensor: torch.Tensor) -> None:
+def fill_tensor_pb(msg: pb.Tensor, tensor: AnyTensor) -> None:
     """Write `tensor` into an empty `msg` in place (no message copy)."""
     element = BY_TORCH.get(tensor.dtype)
     if element is None:
@@ -136,6 +135,13 @@ def tensors_from_pb(
     msgs: Mapping[str, pb.Tensor], field: str, max_bytes: int | None = None
 ) -> dict[str, torch.Tensor]:
     return {name: tensor_from_pb(t, f"{field}[{shown(name)}]", max_bytes) for name, t in msgs.items()}
+
+
+def raw_tensors_from_pb(
+    msgs: Mapping[str, pb.Tensor], field: str, max_bytes: int | None = None
+) -> dict[str, RawTensor]:
+    """Checked, not yet torch tensors: a request's inputs on their way to the data plane."""
+    return {name: raw_tensor_from_pb(t, f"{field}[{shown(name)}]", max_bytes) for name, t in msgs.items()}
 
 
 class ChunkAssembler:

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pt2serve.loader.dtypes import TYPES
+from pt2serve.loader.dtypes import TYPES, RawTensor
 from pt2serve.loader.errors import ErrorKind, InvalidInput, Pt2ServeError, Unavailable
 from pt2serve.loader.schema import Dim, ModelSchema, TensorSpec
 from pt2serve.scheduler.dataplane import InferenceOptions, InferenceResult
@@ -41,10 +41,18 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1).view(torch.uint8)
 
 
+def raw_of(tensor: torch.Tensor) -> RawTensor:
+    """`tensor` as a front end decodes it from a client's message."""
+    return RawTensor(tensor.dtype, tuple(tensor.shape), bits(tensor.contiguous()).numpy().tobytes())
+
+
+def joined(parts: list[object]) -> bytes:
+    return b"".join(bytes(p) for p in parts)  # type: ignore[call-overload]
+
+
 def framed(parts: list[object]) -> bytearray:
     """The payload of one frame, as FrameReader hands it over."""
-    data = b"".join(bytes(p) for p in parts)  # type: ignore[call-overload]
-    (frame,) = ipc.FrameReader().feed(data)
+    (frame,) = ipc.FrameReader().feed(joined(parts))
     return frame
 
 
@@ -71,6 +79,13 @@ def test_requests_and_results_cross_unchanged(
     request_id, version, outputs = ipc.unpack_result(framed(ipc.pack_result(9, 3, inputs)))
     assert (request_id, version, list(outputs)) == (9, 3, list(inputs))
     assert all(same_bytes(outputs[n], t) for n, t in inputs.items())
+    # A front end sends the client's bytes as they came, and keeps the answer's as
+    # bytes: the frames are the same as from torch tensors, and so are the bytes.
+    raw = {n: raw_of(t) for n, t in inputs.items()}
+    options = {"priority": priority, "timeout_s": timeout, "deadline": deadline, "output_names": ("a", "b")}
+    assert joined(ipc.pack_request(7, "mödel", raw, **options)) == joined(parts)  # type: ignore[arg-type]
+    _, _, answers = ipc.unpack_raw_result(framed(ipc.pack_result(9, 3, inputs)))
+    assert answers == raw
 
 
 @given(kind=st.sampled_from(list(ErrorKind)), message=st.text(max_size=300))
@@ -148,7 +163,9 @@ async def test_a_request_goes_out_once_and_its_answer_comes_back(engine: Engine)
     y = torch.randn(3, 2)
     await engine.send(ipc.pack_result(request.request_id, 4, {"y": y}))
     result = await call
-    assert result.constants_version == 4 and torch.equal(result.outputs["y"], y)
+    answer = result.outputs["y"]
+    assert isinstance(answer, RawTensor)  # the front end encodes it without torch
+    assert result.constants_version == 4 and torch.equal(answer.tensor(), y)
     assert engine.plane.in_flight == 0
 
 
