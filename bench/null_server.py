@@ -1,8 +1,9 @@
 """The wall: a gRPC server of the same stack as pt2serve that does no model work.
 
-It decodes each request's tensors and answers with a zero tensor of the model's
-output shape, with the same per-method wrapper (service/calls.py) and message-size
-options, so the difference to pt2serve is the scheduler and the model.
+It decodes each request's tensors as pt2serve's front ends do (bytes checked against
+the declared dtype and shape, no torch tensor made) and answers with zeros of the
+model's output shape, with the same per-method wrapper (service/calls.py) and
+message-size options, so the difference to pt2serve is the scheduler and the model.
 
     python -m bench.null_server --port 0 --output-width 4
 """

@@ -94,6 +94,14 @@ def test_errors_cross_with_their_kind_and_message(kind: ErrorKind, message: str)
     assert request_id == 5 and error.kind is kind and str(error) == message
 
 
+def test_a_dtype_the_wire_does_not_carry_is_refused_by_name() -> None:
+    z = torch.zeros(2, dtype=torch.complex64)
+    with pytest.raises(InvalidInput, match=r"inputs\['z'\]: dtype torch.complex64 cannot be sent"):
+        ipc.pack_request(1, "m", {"z": z}, priority=0, timeout_s=None, deadline=None, output_names=())
+    with pytest.raises(InvalidInput, match=r"outputs\['y'\]: dtype torch.complex64 cannot be sent"):
+        ipc.pack_result(1, 0, {"x": torch.zeros(2), "y": z})
+
+
 def test_frames_split_anywhere_are_read_whole() -> None:
     data = b"".join(bytes(p) for p in ipc.pack_cancel(1) + ipc.pack_cancel(2) + ipc.pack_cancel(3))
     reader = ipc.FrameReader()
