@@ -3,7 +3,8 @@
 A Unix socket was chosen by measurement (bench/transport.py, docs/performance.md):
 the cheapest round trip of the three tried, in CPU and in latency. Tensor bytes
 cross as they are: a frame is written as a list of buffers (the tensors' own memory,
-no per-element copy) and read back with numpy views into the received frame.
+or a front end's client bytes; no per-element copy) and read back by the engine as
+numpy views into the received frame, by a front end as bytes it only encodes.
 
 Frames (little-endian), each `u32 length` then the payload:
 
