@@ -7,6 +7,7 @@ exists. Names are torch's (`float32`), the schema's and the CLI's.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -86,12 +87,20 @@ class RawTensor:
     def tensor(self) -> torch.Tensor:
         """A torch tensor owning a copy of the bytes (writable: the runtime may write
         into its inputs)."""
-        element = BY_TORCH[self.dtype]
-        if math.prod(self.shape) == 0:
-            return torch.empty(self.shape, dtype=self.dtype)
-        array = np.frombuffer(bytearray(self.data), dtype=element.numpy).reshape(self.shape)
-        tensor = torch.from_numpy(array)
-        return tensor.view(torch.bfloat16) if self.dtype == torch.bfloat16 else tensor
+        return tensor_view(bytearray(self.data), BY_TORCH[self.dtype], self.shape)
+
+
+def tensor_view(
+    buffer: bytearray, element: ElementType, shape: Sequence[int], offset: int = 0
+) -> torch.Tensor:
+    """A tensor over the little-endian, row-major bytes of `buffer` from `offset`,
+    without a copy (it keeps `buffer` alive); bfloat16 from its int16 bits."""
+    count = math.prod(shape)
+    if count == 0:
+        return torch.empty(tuple(shape), dtype=element.torch)
+    array = np.frombuffer(buffer, dtype=element.numpy, count=count, offset=offset).reshape(shape)
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if element.torch == torch.bfloat16 else tensor
 
 
 # A tensor as decoders produce it and answers carry it: a torch tensor, or (bytes not

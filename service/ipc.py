@@ -33,7 +33,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import torch
 
-from pt2serve.loader.dtypes import TYPES, AnyTensor, RawTensor
+from pt2serve.loader.dtypes import TYPES, AnyTensor, RawTensor, tensor_view
 from pt2serve.loader.errors import (
     AccessDenied,
     ErrorKind,
@@ -245,14 +245,7 @@ def _tensor_at(frame: bytearray, at: int) -> tuple[torch.Tensor, int]:
     """The tensor at `at` (a view into `frame`, which it keeps alive), and where the
     next field starts."""
     code, shape, nbytes, start = _read_head(frame, at)
-    element = TYPES[code]
-    if nbytes == 0:
-        return torch.empty(shape, dtype=element.torch), start
-    array = np.frombuffer(frame, dtype=element.numpy, count=nbytes // element.itemsize, offset=start)
-    tensor = torch.from_numpy(array.reshape(shape))
-    if code == _BFLOAT16:
-        tensor = tensor.view(torch.bfloat16)
-    return tensor, start + nbytes
+    return tensor_view(frame, TYPES[code], shape, start), start + nbytes
 
 
 def _raw_tensor_at(frame: bytearray, at: int) -> tuple[AnyTensor, int]:
