@@ -5,6 +5,14 @@ answered INVALID_ARGUMENT, and the count of unary calls in handlers for draining
 
 `Registrar` stands in for the server while the generated `add_*_to_server`
 functions register their services, and wraps each method's handler with `wrap`.
+
+Only the unary inference methods (`REGISTERED`) are registered with gRPC's core;
+every other method is found by name through a generic handler. grpc.aio's server
+keeps one pending "next call" future per registered method and waits on all of them
+(`asyncio.wait`, FIRST_COMPLETED) for every call it accepts, so each registered method
+costs every call: 31 of them cost a unary call about 12 µs more than 3 (measured,
+docs/performance.md "Fifth round"). Management calls, streams (one call per stream)
+and health checks are rare enough to be looked up by name.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from pt2serve.service.metrics import GrpcMetrics, MethodMetrics
 from pt2serve.service.security import MANAGEMENT_METHODS
 
 Context = grpc.aio.ServicerContext[Any, Any]
+REGISTERED = frozenset({"/pt2serve.v1.Inference/Run", "/inference.GRPCInferenceService/ModelInfer"})
 KINDS = (
     ("unary_unary", "unary"),
     ("unary_stream", "server_stream"),
@@ -77,7 +86,9 @@ class Registrar:
             handlers = {name: self._substitute(f"/{service}/{name}", h) for name, h in handlers.items()}
         wrapped = {name: wrap(f"/{service}/{name}", h, self._policy) for name, h in handlers.items()}
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
-        self._server.add_registered_method_handlers(service, wrapped)
+        registered = {name: h for name, h in wrapped.items() if f"/{service}/{name}" in REGISTERED}
+        if registered:
+            self._server.add_registered_method_handlers(service, registered)
 
 
 def wrap(method: str, handler: Any, policy: CallPolicy) -> Any:
