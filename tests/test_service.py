@@ -5,16 +5,24 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
 
 import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from pt2serve.service import tensors
+from pt2serve.service.calls import REGISTERED, CallPolicy, Registrar
 from pt2serve.service.demo import demo_model
+from pt2serve.service.errors import CallsInFlight
+from pt2serve.service.metrics import GrpcMetrics
+from pt2serve.service.pb import grpc_service_pb2_grpc as v2_grpc
 from pt2serve.service.pb import pt2serve_pb2 as pb
+from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
 from tests import models
 from tests.conftest import Packages, Running, until
 
@@ -459,6 +467,35 @@ async def test_user_schema_overrides_derived_names(running: Running, packages: P
 
 
 # ------------------------------------------------------------ health, reflection
+def test_only_the_unary_inference_methods_are_registered_with_the_core() -> None:
+    # grpc.aio waits on one future per registered method for every call it accepts;
+    # a misspelt name in REGISTERED would silently register nothing.
+    class Recorder:
+        def __init__(self) -> None:
+            self.generic: list[Any] = []
+            self.registered: dict[str, Any] = {}
+
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            self.generic.extend(handlers)
+
+        def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+            self.registered.update({f"/{service}/{name}": h for name, h in handlers.items()})
+
+    recorder = Recorder()
+    policy = CallPolicy(GrpcMetrics(CollectorRegistry()), None, CallsInFlight())
+    pb_grpc.add_InferenceServicer_to_server(pb_grpc.InferenceServicer(), Registrar(recorder, policy))  # type: ignore[no-untyped-call, arg-type]
+    v2_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        v2_grpc.GRPCInferenceServiceServicer(),
+        Registrar(recorder, policy),  # type: ignore[arg-type]
+    )
+    assert set(recorder.registered) == REGISTERED
+    # Every method, registered or not, is still found by name.
+    methods = ("/pt2serve.v1.Inference/RunStream", "/inference.GRPCInferenceService/ServerLive", *REGISTERED)
+    for method in methods:
+        details = SimpleNamespace(method=method, invocation_metadata=())
+        assert any(h.service(details) is not None for h in recorder.generic), method
+
+
 async def test_health_and_reflection(running: Running) -> None:
     health = health_pb2_grpc.HealthStub(running.channel)
     for service in ("", "demo", "pt2serve.v1.Inference", "pt2serve.v1.ModelLoader"):
