@@ -17,9 +17,22 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import torch
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Done = Callable[[Any, BaseException | None], None]
+# Set once by the serving process (set_intra_op_threads); None: torch's default.
+_intra_op_threads: int | None = None
+
+
+def set_intra_op_threads(threads: int) -> None:
+    """The intra-op threads (OpenMP, MKL) of model calls in this thread and in every
+    worker thread started from now on. OpenMP keeps the count per thread: a count set
+    on the main thread alone would not reach the threads that run the models."""
+    global _intra_op_threads
+    _intra_op_threads = threads
+    torch.set_num_threads(threads)
 
 
 class WorkerPool:
@@ -65,6 +78,8 @@ class WorkerPool:
 
     def _work(self) -> None:
         _name_native_thread(threading.current_thread().name)
+        if _intra_op_threads is not None:
+            torch.set_num_threads(_intra_op_threads)
         while (job := self._jobs.get()) is not None:
             fn, done = job
             result: Any = None

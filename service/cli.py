@@ -29,6 +29,7 @@ from pt2serve.service.config import (
     configure,
     default_frontends,
     frontends_value,
+    intra_op_threads_value,
     parse_model_flag,
 )
 from pt2serve.service.security import TOKEN_ENV, read_token
@@ -90,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
         type=frontends_value,
         help="gRPC front-end processes before one engine process; 0: one process; "
         "default auto: one per CPU, at most 8 (README, Processes)",
+    )
+    serve.add_argument(
+        "--intra-op-threads",
+        type=intra_op_threads_value,
+        help="threads per model operator (OpenMP, MKL); default auto: the CPUs the event "
+        "loops leave, at least 1, unless $OMP_NUM_THREADS is set (README, Processes)",
     )
     serve.add_argument("--role", choices=["engine", "frontend"], help=argparse.SUPPRESS)
     serve.add_argument("--run-dir", help=argparse.SUPPRESS)

@@ -34,7 +34,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pt2serve.service.config import ServerConfig
+from pt2serve.service.config import ServerConfig, default_frontends, default_intra_op_threads, usable_cpus
 
 log = logging.getLogger("pt2serve.supervisor")
 NOTIFY_ENV = "PT2SERVE_NOTIFY_FD"
@@ -251,12 +251,31 @@ async def _announce(child: Child) -> None:
     log.info("%s is back (pid %d)", child.role, child.proc.pid if child.proc else 0)
 
 
+def apply_intra_op_threads(config: ServerConfig, frontends: int) -> None:
+    """Set the intra-op threads of model calls in this process, the one that runs the
+    models: the configured count; torch's own choice where $OMP_NUM_THREADS is set
+    and the config says "auto"; else `default_intra_op_threads`."""
+    from pt2serve.scheduler.workers import set_intra_op_threads
+
+    if config.intra_op_threads is not None:
+        threads, source = config.intra_op_threads, "intra_op_threads"
+    elif os.environ.get("OMP_NUM_THREADS"):
+        log.info("intra-op threads per model call: from OMP_NUM_THREADS=%s", os.environ["OMP_NUM_THREADS"])
+        return
+    else:
+        threads = default_intra_op_threads(frontends)
+        source = f"auto: {usable_cpus()} CPU(s) less {max(1, frontends)} serving event loop(s)"
+    set_intra_op_threads(threads)
+    log.info("intra-op threads per model call: %d (%s)", threads, source)
+
+
 async def run_server(config: ServerConfig) -> None:
     """One process serves everything (`frontends = 0`)."""
     from pt2serve.service.cli import tune_process
     from pt2serve.service.metrics import start_metrics_server
     from pt2serve.service.server import Pt2Server
 
+    apply_intra_op_threads(config, 0)
     server = Pt2Server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -291,6 +310,7 @@ async def run_engine(config: ServerConfig, run_dir: pathlib.Path) -> None:
     from pt2serve.service.metrics import start_metrics_server
 
     die_with_parent()
+    apply_intra_op_threads(config, default_frontends() if config.frontends is None else config.frontends)
     engine = Engine(config, run_dir)
     stop = _stop_on_sigterm()
     metrics = None

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from pt2serve.loader.errors import InvalidInput
-from pt2serve.service.config import default_frontends, load_config
+from pt2serve.service.config import default_frontends, default_intra_op_threads, load_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -53,3 +53,48 @@ def test_frontends_is_a_count_or_auto(tmp_path: pathlib.Path) -> None:
         config.write_text(f"[server]\nfrontends = {text}\n")
         with pytest.raises(InvalidInput, match=message):
             load_config(config)
+
+
+def test_intra_op_threads_is_a_count_or_auto(tmp_path: pathlib.Path) -> None:
+    # The CPUs left by the serving event loops (one process counts as one), at least 1.
+    assert [default_intra_op_threads(2, cpus) for cpus in (1, 2, 3, 16)] == [1, 1, 1, 14]
+    assert [default_intra_op_threads(0, cpus) for cpus in (1, 2, 16)] == [1, 1, 15]
+    config = tmp_path / "server.toml"
+    for text, expected in (('"auto"', None), ("1", 1), ("6", 6)):
+        config.write_text(f"[server]\nintra_op_threads = {text}\n")
+        assert load_config(config).intra_op_threads == expected
+    for text, message in (("0", "intra_op_threads must be 1 or more"), ('"all"', "a count or 'auto'")):
+        config.write_text(f"[server]\nintra_op_threads = {text}\n")
+        with pytest.raises(InvalidInput, match=message):
+            load_config(config)
+
+
+def test_intra_op_threads_reach_the_threads_that_run_models() -> None:
+    # OpenMP keeps the count per thread, and a compiled model's kernels read it
+    # directly: set on the main thread alone, it would not reach the worker threads
+    # (torch applies its own count to a thread only at that thread's first parallel
+    # aten call). A fresh process, so that this one's torch is untouched.
+    code = (
+        "import asyncio, ctypes, threading, torch\n"
+        "from pt2serve.scheduler.workers import WorkerPool, set_intra_op_threads\n"
+        "maps = open('/proc/self/maps').read().splitlines()\n"
+        "gomp = ctypes.CDLL(next(line.split()[-1] for line in maps if 'libgomp' in line))\n"
+        "default = gomp.omp_get_max_threads()\n"
+        "set_intra_op_threads(1)\n"
+        "plain = []\n"
+        "t = threading.Thread(target=lambda: plain.append(gomp.omp_get_max_threads()))\n"
+        "t.start(); t.join()\n"
+        "async def main():\n"
+        "    pool = WorkerPool(2, 'test')\n"
+        "    pool.start(asyncio.get_running_loop())\n"
+        "    counts = await asyncio.gather(*(pool.call(gomp.omp_get_max_threads) for _ in range(4)))\n"
+        "    pool.close()\n"
+        "    return counts\n"
+        "print(default, plain[0], gomp.omp_get_max_threads(), *asyncio.run(main()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    default, plain_thread, main, *workers = (int(n) for n in out.stdout.split())
+    assert main == 1 and workers == [1, 1, 1, 1]
+    # What the worker threads' own setting is for: a thread it did not reach keeps
+    # OpenMP's default.
+    assert plain_thread == default
