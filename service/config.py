@@ -153,9 +153,9 @@ def default_intra_op_threads(frontends: int, cpus: int | None = None) -> int:
 
     A model's operators otherwise spread over every core and then wait at each
     barrier for the thread that a front end holds up. Measured on 2 CPUs with two
-    front ends (docs/performance.md, "Fifth round"): the compute-bound model answered
-    9-10 % more requests a second with one thread than with two, at a tenth less CPU
-    per request, and a lone request 0.5 ms sooner."""
+    front ends, in two runs (docs/performance.md, "Fifth round"): with one thread
+    rather than two, the compute-bound model answered 3-15 % more requests a second
+    at 5-15 % less CPU per request, and a lone request 0.24-0.49 ms sooner."""
     cpus = usable_cpus() if cpus is None else cpus
     return max(1, cpus - max(1, frontends))
 
