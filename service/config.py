@@ -135,14 +135,22 @@ def usable_cpus() -> int:
     return cpus
 
 
-def frontends_value(value: Any) -> int | None:
-    """A `frontends` setting: a count, or "auto" (None)."""
+def count_or_auto(key: str, value: Any) -> int | None:
+    """The setting `key`: a count, or "auto" (None)."""
     if value in (None, "auto"):
         return None
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise InvalidInput(f"frontends must be a count or 'auto', got {value!r}") from None
+        raise InvalidInput(f"{key} must be a count or 'auto', got {value!r}") from None
+
+
+def frontends_value(value: Any) -> int | None:
+    return count_or_auto("frontends", value)
+
+
+def intra_op_threads_value(value: Any) -> int | None:
+    return count_or_auto("intra_op_threads", value)
 
 
 def default_intra_op_threads(frontends: int, cpus: int | None = None) -> int:
@@ -158,16 +166,6 @@ def default_intra_op_threads(frontends: int, cpus: int | None = None) -> int:
     at 5-15 % less CPU per request, and a lone request 0.24-0.49 ms sooner."""
     cpus = usable_cpus() if cpus is None else cpus
     return max(1, cpus - max(1, frontends))
-
-
-def intra_op_threads_value(value: Any) -> int | None:
-    """An `intra_op_threads` setting: a count, or "auto" (None)."""
-    if value in (None, "auto"):
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise InvalidInput(f"intra_op_threads must be a count or 'auto', got {value!r}") from None
 
 
 def parse_model_flag(value: str) -> tuple[str, str]:

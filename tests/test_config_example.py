@@ -43,30 +43,41 @@ def test_process_settings_take_effect() -> None:
     assert abs(float(interval) - 200e-6) < 1e-9 and gen0 == "20000" and frozen == "True"
 
 
-def test_frontends_is_a_count_or_auto(tmp_path: pathlib.Path) -> None:
-    assert [default_frontends(cpus) for cpus in (1, 2, 3, 8, 16, 64)] == [0, 2, 3, 8, 8, 8]
+def check_count_or_auto(
+    tmp_path: pathlib.Path, key: str, valid: dict[str, int | None], invalid: dict[str, str]
+) -> None:
+    """`key` under [server] reads each of `valid`'s texts as its value and refuses each
+    of `invalid`'s with a message containing the text given."""
     config = tmp_path / "server.toml"
-    for text, expected in (('"auto"', None), ("0", 0), ("3", 3)):
-        config.write_text(f"[server]\nfrontends = {text}\n")
-        assert load_config(config).frontends == expected
-    for text, message in (("-1", "frontends must be 0"), ('"many"', "a count or 'auto'")):
-        config.write_text(f"[server]\nfrontends = {text}\n")
+    for text, expected in valid.items():
+        config.write_text(f"[server]\n{key} = {text}\n")
+        assert getattr(load_config(config), key) == expected
+    for text, message in invalid.items():
+        config.write_text(f"[server]\n{key} = {text}\n")
         with pytest.raises(InvalidInput, match=message):
             load_config(config)
+
+
+def test_frontends_is_a_count_or_auto(tmp_path: pathlib.Path) -> None:
+    assert [default_frontends(cpus) for cpus in (1, 2, 3, 8, 16, 64)] == [0, 2, 3, 8, 8, 8]
+    check_count_or_auto(
+        tmp_path,
+        "frontends",
+        {'"auto"': None, "0": 0, "3": 3},
+        {"-1": "frontends must be 0", '"many"': "frontends must be a count or 'auto'"},
+    )
 
 
 def test_intra_op_threads_is_a_count_or_auto(tmp_path: pathlib.Path) -> None:
     # The CPUs left by the serving event loops (one process counts as one), at least 1.
     assert [default_intra_op_threads(2, cpus) for cpus in (1, 2, 3, 16)] == [1, 1, 1, 14]
     assert [default_intra_op_threads(0, cpus) for cpus in (1, 2, 16)] == [1, 1, 15]
-    config = tmp_path / "server.toml"
-    for text, expected in (('"auto"', None), ("1", 1), ("6", 6)):
-        config.write_text(f"[server]\nintra_op_threads = {text}\n")
-        assert load_config(config).intra_op_threads == expected
-    for text, message in (("0", "intra_op_threads must be 1 or more"), ('"all"', "a count or 'auto'")):
-        config.write_text(f"[server]\nintra_op_threads = {text}\n")
-        with pytest.raises(InvalidInput, match=message):
-            load_config(config)
+    check_count_or_auto(
+        tmp_path,
+        "intra_op_threads",
+        {'"auto"': None, "1": 1, "6": 6},
+        {"0": "intra_op_threads must be 1 or more", '"all"': "intra_op_threads must be a count or 'auto'"},
+    )
 
 
 def test_intra_op_threads_reach_the_threads_that_run_models() -> None:
