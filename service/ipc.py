@@ -337,11 +337,6 @@ def pack_result(request_id: int, constants_version: int, outputs: Mapping[str, A
     return _framed_tensors(_RESULT.pack(RESULT, request_id, constants_version), outputs, "outputs")
 
 
-def unpack_result(frame: bytearray) -> tuple[int, int, dict[str, torch.Tensor]]:
-    _, request_id, version = _RESULT.unpack_from(frame, 0)
-    return request_id, version, _named(frame, _RESULT.size, _tensor_at)
-
-
 def unpack_raw_result(frame: bytearray) -> tuple[int, int, dict[str, AnyTensor]]:
     """A result whose outputs stay bytes (RawTensor): a front end only encodes them."""
     _, request_id, version = _RESULT.unpack_from(frame, 0)

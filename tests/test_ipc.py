@@ -76,15 +76,13 @@ def test_requests_and_results_cross_unchanged(
     assert list(request.inputs) == list(inputs)
     for name, tensor in inputs.items():
         assert request.inputs[name].dtype == tensor.dtype and same_bytes(request.inputs[name], tensor)
-    request_id, version, outputs = ipc.unpack_result(framed(ipc.pack_result(9, 3, inputs)))
-    assert (request_id, version, list(outputs)) == (9, 3, list(inputs))
-    assert all(same_bytes(outputs[n], t) for n, t in inputs.items())
     # A front end sends the client's bytes as they came, and keeps the answer's as
     # bytes: the frames are the same as from torch tensors, and so are the bytes.
     raw = {n: raw_of(t) for n, t in inputs.items()}
     options = {"priority": priority, "timeout_s": timeout, "deadline": deadline, "output_names": ("a", "b")}
     assert joined(ipc.pack_request(7, "mödel", raw, **options)) == joined(parts)  # type: ignore[arg-type]
-    _, _, answers = ipc.unpack_raw_result(framed(ipc.pack_result(9, 3, inputs)))
+    request_id, version, answers = ipc.unpack_raw_result(framed(ipc.pack_result(9, 3, inputs)))
+    assert (request_id, version, list(answers)) == (9, 3, list(inputs))
     assert answers == raw
 
 
