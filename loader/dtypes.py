@@ -73,21 +73,41 @@ class TensorLike(Protocol):
 @dataclass(frozen=True, slots=True)
 class RawTensor:
     """A tensor as the wire carried it: dtype, shape and little-endian, row-major bytes
-    whose length the decoder checked against the shape.
+    whose length the decoder checked against the shape (the client's bytes, or a view
+    into the engine's received frame).
 
-    Front ends pass inputs and answers on as RawTensors: no torch call per request on
-    their event loops (each takes tens of µs cold, and releases the GIL). The process
-    that runs the model makes them torch tensors (`tensor()`).
+    Requests and answers stay RawTensors on every event loop: no torch call per
+    request there (each takes tens of µs cold, and releases the GIL). A runner thread
+    joins a batch's inputs into one tensor per input (`join_rows`, scheduler/batches.py).
     """
 
     dtype: torch.dtype
     shape: tuple[int, ...]
-    data: bytes
+    data: bytes | memoryview
 
     def tensor(self) -> torch.Tensor:
         """A torch tensor owning a copy of the bytes (writable: the runtime may write
         into its inputs)."""
         return tensor_view(bytearray(self.data), BY_TORCH[self.dtype], self.shape)
+
+    def row_slice(self, start: int, stop: int) -> RawTensor:
+        """Rows `start` to `stop` (dim 0), without a copy."""
+        rows = self.shape[0]
+        stop = min(stop, rows)
+        row_bytes = len(self.data) // rows if rows else 0
+        view = memoryview(self.data)[start * row_bytes : stop * row_bytes]
+        return RawTensor(self.dtype, (stop - start, *self.shape[1:]), view)
+
+
+def join_rows(parts: Sequence[RawTensor]) -> torch.Tensor:
+    """One writable tensor of `parts` stacked on dim 0 (same dtype and trailing dims),
+    made with one copy of their bytes."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first.tensor()
+    rows = sum(p.shape[0] for p in parts)
+    buffer = bytearray().join([p.data for p in parts])
+    return tensor_view(buffer, BY_TORCH[first.dtype], (rows, *first.shape[1:]))
 
 
 def tensor_view(

@@ -24,6 +24,7 @@ from typing import TypeVar
 
 import torch
 
+from pt2serve.loader.dtypes import AnyTensor
 from pt2serve.loader.errors import ExecutionFailed, Expired, InvalidInput, Overloaded, Unavailable
 from pt2serve.scheduler.adaptive import AdaptiveWait, Contention
 from pt2serve.scheduler.batches import (
@@ -141,7 +142,7 @@ class ModelScheduler:
     # --------------------------------------------------------------- submit
     async def submit(
         self,
-        inputs: list[torch.Tensor],
+        inputs: list[AnyTensor],
         *,
         priority: int = 0,
         timeout_s: float | None = None,
@@ -152,7 +153,7 @@ class ModelScheduler:
 
     def enqueue(
         self,
-        inputs: list[torch.Tensor],
+        inputs: list[AnyTensor],
         *,
         priority: int = 0,
         timeout_s: float | None = None,
@@ -203,7 +204,7 @@ class ModelScheduler:
 
     def _enqueue_one(
         self,
-        inputs: list[torch.Tensor],
+        inputs: list[AnyTensor],
         rows: int,
         priority: int,
         deadline: float | None,

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from pt2serve.loader.dtypes import AnyTensor, RawTensor, join_rows
 from pt2serve.loader.errors import ExecutionFailed
 
 
@@ -37,7 +38,8 @@ class State(enum.Enum):
 
 @dataclass(eq=False, slots=True)
 class PendingRequest:
-    inputs: list[torch.Tensor]
+    # Bytes as received (RawTensor) until a runner thread joins the batch.
+    inputs: list[AnyTensor]
     rows: int
     bucket: tuple[object, ...]
     priority: int
@@ -96,7 +98,7 @@ def resolve(req: PendingRequest, result: RunResult | BaseException) -> None:
 
 def run_batch(
     runner: Runner,
-    inputs: Sequence[Sequence[torch.Tensor]],
+    inputs: Sequence[Sequence[AnyTensor]],
     rows: Sequence[int],
     *,
     batched: bool,
@@ -106,9 +108,9 @@ def run_batch(
     returns each request's outputs. A package compiled at a static batch size
     (`pad_to`) gets zero rows appended, and its outputs are cut back."""
     if len(inputs) == 1:
-        joined = list(inputs[0])
+        joined = [t.tensor() if isinstance(t, RawTensor) else t for t in inputs[0]]
     else:
-        joined = [torch.cat(parts) for parts in zip(*inputs, strict=True)]
+        joined = [_join(parts) for parts in zip(*inputs, strict=True)]
     total = sum(rows)
     padded = total
     if pad_to is not None and total < pad_to:
@@ -128,11 +130,24 @@ def run_batch(
     return [list(parts) for parts in zip(*split, strict=True)]
 
 
-def split_rows(inputs: Sequence[torch.Tensor], rows: int, step: int) -> list[tuple[list[torch.Tensor], int]]:
+def _join(parts: Sequence[AnyTensor]) -> torch.Tensor:
+    """One input of a batch: its requests' parts stacked on dim 0."""
+    raw = [p for p in parts if isinstance(p, RawTensor)]
+    if len(raw) == len(parts):
+        return join_rows(raw)  # the usual case: one copy of the received bytes
+    return torch.cat([p.tensor() if isinstance(p, RawTensor) else p for p in parts])
+
+
+def split_rows(inputs: Sequence[AnyTensor], rows: int, step: int) -> list[tuple[list[AnyTensor], int]]:
     """A request of `rows` rows as parts of at most `step` rows: (inputs, rows) each."""
     return [
-        ([t[start : start + step] for t in inputs], min(step, rows - start)) for start in range(0, rows, step)
+        ([_rows(t, start, start + step) for t in inputs], min(step, rows - start))
+        for start in range(0, rows, step)
     ]
+
+
+def _rows(tensor: AnyTensor, start: int, stop: int) -> AnyTensor:
+    return tensor.row_slice(start, stop) if isinstance(tensor, RawTensor) else tensor[start:stop]
 
 
 async def reassemble(parts: Sequence[asyncio.Future[RunResult]]) -> RunResult:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from pt2serve.loader.dtypes import AnyTensor, RawTensor, TensorLike
+from pt2serve.loader.dtypes import AnyTensor, TensorLike
 from pt2serve.loader.errors import ErrorKind, ExecutionFailed, InvalidInput, Pt2ServeError, shown
 from pt2serve.loader.schema import ModelSchema
 from pt2serve.scheduler.batches import RunResult
@@ -147,8 +147,8 @@ class DataPlane:
             decoded, options = decode()
             loaded = self._registry.get(model)
             schema = loaded.schema
-            inputs = {n: t.tensor() if isinstance(t, RawTensor) else t for n, t in decoded.items()}
-            ordered = accept(schema, model, inputs, options, loaded.batching.row_limit)
+            # Inputs stay as received (RawTensor: bytes) until a runner joins the batch.
+            ordered = accept(schema, model, decoded, options, loaded.batching.row_limit)
             ticket = Ticket(model, schema.output_names, options.output_names)
 
             def done(future: asyncio.Future[RunResult]) -> None:

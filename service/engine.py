@@ -24,10 +24,10 @@ import logging
 import pathlib
 from collections.abc import Mapping
 
-import torch
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.registry import Collector
 
+from pt2serve.loader.dtypes import AnyTensor
 from pt2serve.loader.errors import ExecutionFailed, Pt2ServeError
 from pt2serve.scheduler.dataplane import InferenceOptions, InferenceResult, Ticket
 from pt2serve.service import ipc
@@ -152,7 +152,7 @@ class _Link(ipc.FrameLink):
             output_names=request.output_names,
         )
 
-        def decode() -> tuple[Mapping[str, torch.Tensor], InferenceOptions]:
+        def decode() -> tuple[Mapping[str, AnyTensor], InferenceOptions]:
             return request.inputs, options
 
         def done(outcome: InferenceResult | BaseException) -> None:

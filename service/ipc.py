@@ -4,7 +4,8 @@ A Unix socket was chosen by measurement (bench/transport.py, docs/performance.md
 the cheapest round trip of the three tried, in CPU and in latency. Tensor bytes
 cross as they are: a frame is written as a list of buffers (the tensors' own memory,
 or a front end's client bytes; no per-element copy) and read back by the engine as
-numpy views into the received frame, by a front end as bytes it only encodes.
+views into the received frame (joined into batch tensors by its runner threads), by
+a front end as bytes it only encodes.
 
 Frames (little-endian), each `u32 length` then the payload:
 
@@ -33,7 +34,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import torch
 
-from pt2serve.loader.dtypes import TYPES, AnyTensor, RawTensor, tensor_view
+from pt2serve.loader.dtypes import TYPES, AnyTensor, RawTensor
 from pt2serve.loader.errors import (
     AccessDenied,
     ErrorKind,
@@ -241,11 +242,12 @@ def _read_head(frame: bytearray, at: int) -> tuple[int, list[int], int, int]:
     return frame[at], shape, nbytes, at + 2 + 8 * ndim + 8
 
 
-def _tensor_at(frame: bytearray, at: int) -> tuple[torch.Tensor, int]:
-    """The tensor at `at` (a view into `frame`, which it keeps alive), and where the
-    next field starts."""
+def _tensor_at(frame: bytearray, at: int) -> tuple[RawTensor, int]:
+    """The tensor at `at` as a RawTensor over `frame` (a view, which keeps it alive),
+    and where the next field starts."""
     code, shape, nbytes, start = _read_head(frame, at)
-    return tensor_view(frame, TYPES[code], shape, start), start + nbytes
+    end = start + nbytes
+    return RawTensor(TYPES[code].torch, tuple(shape), memoryview(frame)[start:end]), end
 
 
 def _raw_tensor_at(frame: bytearray, at: int) -> tuple[AnyTensor, int]:
@@ -294,7 +296,7 @@ def pack_request(
 class Request:
     request_id: int
     model: str
-    inputs: dict[str, torch.Tensor]
+    inputs: dict[str, RawTensor]
     priority: int
     timeout_s: float | None
     deadline: float | None

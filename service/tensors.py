@@ -107,7 +107,7 @@ def raw_tensor(
 def tensor_bytes(tensor: AnyTensor) -> bytes:
     """`tensor` as little-endian, row-major bytes, whatever its strides or device."""
     if isinstance(tensor, RawTensor):
-        return tensor.data
+        return bytes(tensor.data)  # no copy of bytes, only of a view
     if tensor.requires_grad or not tensor.is_cpu:  # no torch op otherwise (see module doc)
         tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: send its bits

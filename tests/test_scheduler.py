@@ -17,6 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pt2serve.loader.dtypes import AnyTensor, RawTensor, join_rows
 from pt2serve.loader.errors import ExecutionFailed, Expired, InvalidInput, Overloaded, Unavailable
 from pt2serve.scheduler.batcher import BatchingConfig, ModelScheduler, RunnerSlot, RunResult
 
@@ -94,7 +95,7 @@ class FakeClock:
 
 
 def enqueue(
-    scheduler: ModelScheduler, inputs: list[torch.Tensor], **options: object
+    scheduler: ModelScheduler, inputs: list[AnyTensor], **options: object
 ) -> asyncio.Future[RunResult]:
     """Queue a request now (dispatch happens inside the call): no task to wait for."""
     return scheduler.enqueue(inputs, **options)  # type: ignore[arg-type]
@@ -262,6 +263,17 @@ async def test_large_requests_are_split_and_reassembled() -> None:
     await scheduler.close()
 
 
+def test_received_bytes_join_and_split_without_torch_on_the_loop() -> None:
+    x = torch.arange(24, dtype=torch.float32).reshape(6, 4)
+    raw = as_received(x)
+    parts = [raw.row_slice(0, 2), raw.row_slice(2, 5), raw.row_slice(5, 9)]
+    assert [p.shape for p in parts] == [(2, 4), (3, 4), (1, 4)]
+    joined = join_rows(parts)
+    assert torch.equal(joined, x)
+    joined[0, 0] = -1.0  # writable, as the runtime may need: a copy, not a view
+    assert torch.equal(parts[0].tensor()[0], x[0]) and raw.tensor()[0, 0] == 0.0
+
+
 async def test_preferred_batch_sizes_cut_batches() -> None:
     runner = FakeRunner(hold=True)
     scheduler = make(runner, max_batch_size=8, preferred_batch_sizes=(4,))
@@ -357,15 +369,22 @@ request_plan = st.tuples(
     max_batch=st.integers(1, 8),
     capacity=st.integers(1, 2),
     delay=st.sampled_from([0.0, 0.001]),
+    raw_every=st.sampled_from([0, 1, 2]),
 )
 def test_every_request_is_answered_exactly_once(
-    plans: list[tuple[int, int, int, str]], max_batch: int, capacity: int, delay: float
+    plans: list[tuple[int, int, int, str]], max_batch: int, capacity: int, delay: float, raw_every: int
 ) -> None:
-    asyncio.run(_check_invariants(plans, max_batch, capacity, delay))
+    """`raw_every`: which requests arrive as received bytes (RawTensor), as from a
+    decoder or the engine's frames: none, all, or every other one (mixed batches)."""
+    asyncio.run(_check_invariants(plans, max_batch, capacity, delay, raw_every))
+
+
+def as_received(tensor: torch.Tensor) -> RawTensor:
+    return RawTensor(tensor.dtype, tuple(tensor.shape), memoryview(tensor.numpy().tobytes()))
 
 
 async def _check_invariants(
-    plans: list[tuple[int, int, int, str]], max_batch: int, capacity: int, delay: float
+    plans: list[tuple[int, int, int, str]], max_batch: int, capacity: int, delay: float, raw_every: int
 ) -> None:
     runner = FakeRunner(hold=True)
     clock = FakeClock()
@@ -382,8 +401,11 @@ async def _check_invariants(
     for ident, (rows, width, priority, fate) in enumerate(plans, start=1):
         key = -ident if fate == "poison" else ident
         inputs[key] = request(key, rows=rows, width=width)
+        sent: list[AnyTensor] = list(inputs[key])
+        if raw_every and ident % raw_every == 0:
+            sent = [as_received(t) for t in sent]
         deadline = clock.now + (1 if fate == "expire" else 1e6)
-        tasks[key] = enqueue(scheduler, inputs[key], priority=priority, deadline=deadline)
+        tasks[key] = enqueue(scheduler, sent, priority=priority, deadline=deadline)
     # Every dispatched batch must reach the runner, so that `started` is exact.
     await asyncio.to_thread(runner.wait_entered, scheduler.batches_in_flight)
     with runner.lock:
