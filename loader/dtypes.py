@@ -110,6 +110,40 @@ def join_rows(parts: Sequence[RawTensor]) -> torch.Tensor:
     return tensor_view(buffer, BY_TORCH[first.dtype], (rows, *first.shape[1:]))
 
 
+def join_raw(parts: Sequence[RawTensor]) -> RawTensor:
+    """`parts` stacked on dim 0 (same dtype and trailing dims), still as bytes."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    rows = sum(p.shape[0] for p in parts)
+    return RawTensor(first.dtype, (rows, *first.shape[1:]), b"".join([p.data for p in parts]))
+
+
+def rows_as_raw(tensor: torch.Tensor, rows: Sequence[int]) -> list[AnyTensor]:
+    """`tensor` cut on dim 0 into parts of `rows` rows (summing to its first dim), as
+    RawTensors over one view of its bytes: answers that event loops only copy out.
+
+    A tensor whose bytes cannot be read here (not on the host, needing grad, or of a
+    dtype the wire lacks) is cut as torch tensors, for the encoder to move or refuse.
+    """
+    element = BY_TORCH.get(tensor.dtype)
+    if element is None or tensor.requires_grad or not tensor.is_cpu:
+        return list(torch.split(tensor, list(rows))) if tensor.dim() else [tensor]
+    array = (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
+    data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+    if not tensor.dim():  # a lone request's scalar output
+        return [RawTensor(tensor.dtype, (), data)]
+    tail = tuple(tensor.shape[1:])
+    row_bytes = len(data) // tensor.shape[0] if tensor.shape[0] else 0
+    parts: list[AnyTensor] = []
+    start = 0
+    for count in rows:
+        stop = start + count * row_bytes
+        parts.append(RawTensor(tensor.dtype, (count, *tail), data[start:stop]))
+        start = stop
+    return parts
+
+
 def tensor_view(
     buffer: bytearray, element: ElementType, shape: Sequence[int], offset: int = 0
 ) -> torch.Tensor:

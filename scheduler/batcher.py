@@ -22,8 +22,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-import torch
-
 from pt2serve.loader.dtypes import AnyTensor
 from pt2serve.loader.errors import ExecutionFailed, Expired, InvalidInput, Overloaded, Unavailable
 from pt2serve.scheduler.adaptive import AdaptiveWait, Contention
@@ -298,14 +296,14 @@ class ModelScheduler:
         waits = [now - r.enqueued_at for r in batch]
         compute = [0.0]
 
-        def job() -> list[list[torch.Tensor]]:
+        def job() -> list[list[AnyTensor]]:
             started = time.perf_counter()
             try:
                 return self._execute(slot.runner, batch)
             finally:
                 compute[0] = time.perf_counter() - started
 
-        def done(results: list[list[torch.Tensor]] | None, error: BaseException | None) -> None:
+        def done(results: list[list[AnyTensor]] | None, error: BaseException | None) -> None:
             rows = sum(r.rows for r in batch)
             self.stats.record(rows, len(batch), sum(waits), compute[0])
             slot.batches += 1
@@ -322,7 +320,7 @@ class ModelScheduler:
         slot: RunnerSlot,
         batch: list[PendingRequest],
         version: int,
-        results: list[list[torch.Tensor]] | None,
+        results: list[list[AnyTensor]] | None,
         error: BaseException | None,
     ) -> None:
         """On the loop: answer a batch's requests, then free its runner."""
@@ -370,7 +368,7 @@ class ModelScheduler:
         self._dispatch()
         self._note_drained()
 
-    def _execute(self, runner: Runner, batch: list[PendingRequest]) -> list[list[torch.Tensor]]:
+    def _execute(self, runner: Runner, batch: list[PendingRequest]) -> list[list[AnyTensor]]:
         """In a worker thread: the batch's outputs, one list per request."""
         rows = [r.rows for r in batch]
         return run_batch(runner, [r.inputs for r in batch], rows, batched=self.batched, pad_to=self.pad_to)

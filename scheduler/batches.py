@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from pt2serve.loader.dtypes import AnyTensor, RawTensor, join_rows
+from pt2serve.loader.dtypes import AnyTensor, RawTensor, join_raw, join_rows, rows_as_raw
 from pt2serve.loader.errors import ExecutionFailed
 
 
@@ -26,7 +26,8 @@ class Runner(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class RunResult:
-    outputs: list[torch.Tensor]
+    # Bytes (RawTensor) as a runner thread cut them from the batch's outputs.
+    outputs: list[AnyTensor]
     constants_version: int
 
 
@@ -103,10 +104,11 @@ def run_batch(
     *,
     batched: bool,
     pad_to: int | None,
-) -> list[list[torch.Tensor]]:
+) -> list[list[AnyTensor]]:
     """Run the requests' `inputs` (each in call order, `rows[i]` rows) as one batch;
-    returns each request's outputs. A package compiled at a static batch size
-    (`pad_to`) gets zero rows appended, and its outputs are cut back."""
+    returns each request's outputs, as RawTensors over the batch outputs' bytes. A
+    package compiled at a static batch size (`pad_to`) gets zero rows appended, and
+    its outputs are cut back."""
     if len(inputs) == 1:
         joined = [t.tensor() if isinstance(t, RawTensor) else t for t in inputs[0]]
     else:
@@ -118,15 +120,13 @@ def run_batch(
         joined = [torch.cat([t, t.new_zeros((padded - total, *t.shape[1:]))]) for t in joined]
     outputs = runner.run(joined)
     if not batched:
-        return [outputs]
+        return [[rows_as_raw(out, [out.shape[0]] if out.dim() else [])[0] for out in outputs]]
     for i, out in enumerate(outputs):
         if out.dim() == 0 or out.shape[0] != padded:
             raise ExecutionFailed(f"output {i} has shape {list(out.shape)}; expected {padded} rows on dim 0")
     if padded != total:
         outputs = [out[:total] for out in outputs]
-    if len(inputs) == 1:
-        return [outputs]
-    split = [torch.split(out, list(rows)) for out in outputs]
+    split = [rows_as_raw(out, rows) for out in outputs]
     return [list(parts) for parts in zip(*split, strict=True)]
 
 
@@ -135,6 +135,14 @@ def _join(parts: Sequence[AnyTensor]) -> torch.Tensor:
     raw = [p for p in parts if isinstance(p, RawTensor)]
     if len(raw) == len(parts):
         return join_rows(raw)  # the usual case: one copy of the received bytes
+    return torch.cat([p.tensor() if isinstance(p, RawTensor) else p for p in parts])
+
+
+def _join_answers(parts: Sequence[AnyTensor]) -> AnyTensor:
+    """One output of a split request: its parts' answers stacked on dim 0."""
+    raw = [p for p in parts if isinstance(p, RawTensor)]
+    if len(raw) == len(parts):
+        return join_raw(raw)
     return torch.cat([p.tensor() if isinstance(p, RawTensor) else p for p in parts])
 
 
@@ -159,5 +167,5 @@ async def reassemble(parts: Sequence[asyncio.Future[RunResult]]) -> RunResult:
         for part in parts:
             part.cancel()
         raise
-    outputs = [torch.cat(chunk) for chunk in zip(*(r.outputs for r in results), strict=True)]
+    outputs = [_join_answers(chunk) for chunk in zip(*(r.outputs for r in results), strict=True)]
     return RunResult(outputs, max(r.constants_version for r in results))

@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pt2serve.loader.dtypes import AnyTensor, RawTensor, join_rows
+from pt2serve.loader.dtypes import TYPES, AnyTensor, RawTensor, join_raw, join_rows, rows_as_raw
 from pt2serve.loader.errors import ExecutionFailed, Expired, InvalidInput, Overloaded, Unavailable
 from pt2serve.scheduler.batcher import BatchingConfig, ModelScheduler, RunnerSlot, RunResult
 
@@ -76,6 +76,12 @@ def expected(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     return [x * 2, x.sum(dim=1)]
 
 
+def host(outputs: Sequence[AnyTensor]) -> list[torch.Tensor]:
+    """Answers as tensors: the scheduler hands them over as the batch's bytes."""
+    assert all(isinstance(t, RawTensor) for t in outputs)
+    return [t.tensor() if isinstance(t, RawTensor) else t for t in outputs]
+
+
 def make(
     runner: FakeRunner, *, capacity: int = 1, clock: FakeClock | None = None, **config: object
 ) -> ModelScheduler:
@@ -111,7 +117,7 @@ async def test_idle_runner_dispatches_a_lone_request_at_once() -> None:
     runner = FakeRunner()
     scheduler = make(runner, max_queue_delay_us=0)
     result = await scheduler.submit(request(1, rows=2))
-    torch.testing.assert_close(result.outputs, expected(request(1, rows=2)))
+    torch.testing.assert_close(host(result.outputs), expected(request(1, rows=2)))
     assert runner.batches == [[1, 1]]
     await scheduler.close()
 
@@ -140,7 +146,9 @@ async def test_batches_respect_max_size_and_buckets() -> None:
     runner.gate.set()
     results = await asyncio.gather(blocker, *tasks)
     for i, result in enumerate(results[1:]):
-        torch.testing.assert_close(result.outputs, expected(request(i, rows=1 + i % 2, width=WIDTHS[i % 2])))
+        torch.testing.assert_close(
+            host(result.outputs), expected(request(i, rows=1 + i % 2, width=WIDTHS[i % 2]))
+        )
     for batch, width in zip(runner.batches, runner.widths, strict=True):
         assert len(batch) <= 4 and len(width) == 1
     await scheduler.close()
@@ -231,7 +239,7 @@ async def test_a_failing_batch_is_retried_member_by_member() -> None:
         await bad
     # The mixed batch failed once, then each member ran alone.
     assert runner.batches[1] == [2, 3, -5] and sorted(runner.batches[2:]) == [[-5], [2], [3]]
-    assert (await scheduler.submit(request(9))).outputs[0][0, 0] == 18
+    assert host((await scheduler.submit(request(9))).outputs)[0][0, 0] == 18
     await scheduler.close()
 
 
@@ -256,7 +264,7 @@ async def test_large_requests_are_split_and_reassembled() -> None:
     scheduler = make(runner, max_batch_size=4, max_rows_per_request=10)
     inputs = request(7, rows=10)
     result = await scheduler.submit(inputs)
-    torch.testing.assert_close(result.outputs, expected(inputs))
+    torch.testing.assert_close(host(result.outputs), expected(inputs))
     assert [len(b) for b in runner.batches] == [4, 4, 2]
     with pytest.raises(InvalidInput, match="too many rows: 11"):
         await scheduler.submit(request(7, rows=11))
@@ -272,6 +280,31 @@ def test_received_bytes_join_and_split_without_torch_on_the_loop() -> None:
     assert torch.equal(joined, x)
     joined[0, 0] = -1.0  # writable, as the runtime may need: a copy, not a view
     assert torch.equal(parts[0].tensor()[0], x[0]) and raw.tensor()[0, 0] == 0.0
+
+
+@given(
+    dtype=st.sampled_from([t.torch for t in TYPES]),
+    rows=st.lists(st.integers(0, 3), min_size=1, max_size=4),
+    tail=st.lists(st.integers(0, 3), max_size=2),
+)
+def test_answers_are_cut_from_the_batch_as_bytes(
+    dtype: torch.dtype, rows: list[int], tail: list[int]
+) -> None:
+    batch = (torch.randn(sum(rows), *tail) * 100).to(dtype)
+    parts = rows_as_raw(batch, rows)
+    start = 0
+    for count, part in zip(rows, parts, strict=True):
+        assert isinstance(part, RawTensor) and part.shape == (count, *tail)
+        assert torch.equal(part.tensor(), batch[start : start + count])
+        start += count
+    assert torch.equal(join_raw(parts).tensor(), batch)
+
+
+def test_answers_the_wire_cannot_carry_stay_tensors_for_the_encoder_to_refuse() -> None:
+    batch = torch.zeros(3, 2, dtype=torch.complex64)
+    parts = rows_as_raw(batch, [1, 2])
+    assert [type(p) for p in parts] == [torch.Tensor, torch.Tensor]
+    assert [tuple(p.shape) for p in parts] == [(1, 2), (2, 2)]
 
 
 async def test_preferred_batch_sizes_cut_batches() -> None:
@@ -433,7 +466,7 @@ async def _check_invariants(
             assert isinstance(result, ExecutionFailed)
         elif fate == "ok":
             assert isinstance(result, RunResult), result
-            torch.testing.assert_close(result.outputs, expected(inputs[key]))
+            torch.testing.assert_close(host(result.outputs), expected(inputs[key]))
     for batch, widths in zip(runner.batches, runner.widths, strict=True):
         assert len(batch) <= max_batch
         assert len(widths) == 1
@@ -456,7 +489,7 @@ async def test_a_flooded_model_does_not_hold_up_another() -> None:
         asyncio.gather(*(other.submit(request(i)) for i in range(20))), timeout=30
     )
     for i, answer in enumerate(answers):
-        torch.testing.assert_close(answer.outputs, expected(request(i)))
+        torch.testing.assert_close(host(answer.outputs), expected(request(i)))
     assert flooded.queue_depth == 32 and not any(task.done() for task in backlog)
     stuck.gate.set()
     await asyncio.gather(*backlog)
@@ -477,9 +510,11 @@ def test_batching_timers_work_on_uvloop() -> None:
         futures = [enqueue(scheduler, request(i)) for i in range(3)]
         results = await asyncio.gather(*futures)
         for i, result in enumerate(results):
-            assert all(torch.equal(a, b) for a, b in zip(result.outputs, expected(request(i)), strict=True))
+            assert all(
+                torch.equal(a, b) for a, b in zip(host(result.outputs), expected(request(i)), strict=True)
+            )
         late = await enqueue(scheduler, request(7))  # a timer again, after the first ran
-        assert torch.equal(late.outputs[0], expected(request(7))[0])
+        assert torch.equal(host(late.outputs)[0], expected(request(7))[0])
         await scheduler.close()
         return runner.batches
 

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 import torch
 
+from pt2serve.loader.dtypes import RawTensor
 from pt2serve.loader.errors import InvalidInput
 from pt2serve.loader.package import ModelPackage
 from pt2serve.scheduler.batcher import BatchingConfig
@@ -32,8 +33,9 @@ async def test_padded_batches_match_eager(packages: Packages) -> None:
         xs = [torch.randn(1 + i % 3, 16) for i in range(12)]
         results = await asyncio.gather(*(manager.infer("static", {"x": x}) for x in xs))
         for x, result in zip(xs, results, strict=True):
-            assert result.outputs["logits"].shape == (x.shape[0], 4)
-            torch.testing.assert_close(result.outputs["logits"], eager(x))
+            logits = result.outputs["logits"]
+            assert isinstance(logits, RawTensor) and logits.shape == (x.shape[0], 4)
+            torch.testing.assert_close(logits.tensor(), eager(x))
         stats = manager.get("static").scheduler.stats
         assert stats.rows == sum(x.shape[0] for x in xs)
         assert max(stats.batch_sizes) <= 4
@@ -48,7 +50,9 @@ async def test_large_requests_split_into_static_batches(packages: Packages) -> N
     try:
         x = torch.randn(10, 16)
         result = await manager.infer("static", {"x": x})
-        torch.testing.assert_close(result.outputs["logits"], demo_model()(x))
+        logits = result.outputs["logits"]
+        assert isinstance(logits, RawTensor)
+        torch.testing.assert_close(logits.tensor(), demo_model()(x))
         with pytest.raises(InvalidInput, match="too many rows: 11"):
             await manager.infer("static", {"x": torch.randn(11, 16)})
     finally:
