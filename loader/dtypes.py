@@ -76,9 +76,10 @@ class RawTensor:
     whose length the decoder checked against the shape (the client's bytes, or a view
     into the engine's received frame).
 
-    Requests and answers stay RawTensors on every event loop: no torch call per
-    request there (each takes tens of µs cold, and releases the GIL). A runner thread
-    joins a batch's inputs into one tensor per input (`join_rows`, scheduler/batches.py).
+    Inputs sent as bytes and every answer stay RawTensors on the event loops: no
+    torch call per request there (each takes tens of µs cold, and releases the GIL).
+    A runner thread joins a batch's inputs into one tensor per input (`join_rows`) and
+    cuts its outputs back into bytes (`rows_as_raw`; scheduler/batches.py).
     """
 
     dtype: torch.dtype
