@@ -145,6 +145,11 @@ def rows_as_raw(tensor: torch.Tensor, rows: Sequence[int]) -> list[AnyTensor]:
     return parts
 
 
+def as_raw(tensor: torch.Tensor) -> AnyTensor:
+    """The whole of `tensor` as `rows_as_raw` gives it: a RawTensor where it can."""
+    return rows_as_raw(tensor, [tensor.shape[0]] if tensor.dim() else [])[0]
+
+
 def tensor_view(
     buffer: bytearray, element: ElementType, shape: Sequence[int], offset: int = 0
 ) -> torch.Tensor:

@@ -10,12 +10,14 @@ import enum
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
-from pt2serve.loader.dtypes import AnyTensor, RawTensor, join_raw, join_rows, rows_as_raw
+from pt2serve.loader.dtypes import AnyTensor, RawTensor, as_raw, join_raw, join_rows, rows_as_raw
 from pt2serve.loader.errors import ExecutionFailed
+
+J = TypeVar("J", torch.Tensor, RawTensor)
 
 
 class Runner(Protocol):
@@ -112,7 +114,7 @@ def run_batch(
     if len(inputs) == 1:
         joined = [t.tensor() if isinstance(t, RawTensor) else t for t in inputs[0]]
     else:
-        joined = [_join(parts) for parts in zip(*inputs, strict=True)]
+        joined = [_stack(parts, join_rows) for parts in zip(*inputs, strict=True)]
     total = sum(rows)
     padded = total
     if pad_to is not None and total < pad_to:
@@ -120,7 +122,7 @@ def run_batch(
         joined = [torch.cat([t, t.new_zeros((padded - total, *t.shape[1:]))]) for t in joined]
     outputs = runner.run(joined)
     if not batched:
-        return [[rows_as_raw(out, [out.shape[0]] if out.dim() else [])[0] for out in outputs]]
+        return [[as_raw(out) for out in outputs]]
     for i, out in enumerate(outputs):
         if out.dim() == 0 or out.shape[0] != padded:
             raise ExecutionFailed(f"output {i} has shape {list(out.shape)}; expected {padded} rows on dim 0")
@@ -130,19 +132,12 @@ def run_batch(
     return [list(parts) for parts in zip(*split, strict=True)]
 
 
-def _join(parts: Sequence[AnyTensor]) -> torch.Tensor:
-    """One input of a batch: its requests' parts stacked on dim 0."""
+def _stack(parts: Sequence[AnyTensor], join: Callable[[list[RawTensor]], J]) -> J | torch.Tensor:
+    """`parts` stacked on dim 0: by `join` when all are bytes (the usual case, one copy
+    of them), else by torch."""
     raw = [p for p in parts if isinstance(p, RawTensor)]
     if len(raw) == len(parts):
-        return join_rows(raw)  # the usual case: one copy of the received bytes
-    return torch.cat([p.tensor() if isinstance(p, RawTensor) else p for p in parts])
-
-
-def _join_answers(parts: Sequence[AnyTensor]) -> AnyTensor:
-    """One output of a split request: its parts' answers stacked on dim 0."""
-    raw = [p for p in parts if isinstance(p, RawTensor)]
-    if len(raw) == len(parts):
-        return join_raw(raw)
+        return join(raw)
     return torch.cat([p.tensor() if isinstance(p, RawTensor) else p for p in parts])
 
 
@@ -167,5 +162,5 @@ async def reassemble(parts: Sequence[asyncio.Future[RunResult]]) -> RunResult:
         for part in parts:
             part.cancel()
         raise
-    outputs = [_join_answers(chunk) for chunk in zip(*(r.outputs for r in results), strict=True)]
+    outputs = [_stack(chunk, join_raw) for chunk in zip(*(r.outputs for r in results), strict=True)]
     return RunResult(outputs, max(r.constants_version for r in results))
