@@ -110,8 +110,10 @@ def clean_stale_extractions(directory: str | None = None) -> list[str]:
         name = entry.name
         if not (entry.is_dir(follow_symlinks=False) and name.startswith(EXTRACT_PREFIX)):
             continue
-        pid_text = name[len(EXTRACT_PREFIX) :].split("-", 1)[0]
-        if not pid_text.isdigit() or _alive(int(pid_text)):
+        # Only `pt2serve-<pid>-<random>`, as extract_model_files names them: never
+        # another pt2serve directory whose random part happens to be all digits.
+        pid_text, dash, _ = name[len(EXTRACT_PREFIX) :].partition("-")
+        if not (dash and pid_text.isdigit()) or _alive(int(pid_text)):
             continue
         shutil.rmtree(entry.path, ignore_errors=True)
         removed.append(entry.path)

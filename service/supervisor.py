@@ -130,7 +130,9 @@ def reserve_port(host: str, port: int) -> tuple[socket.socket | None, int]:
 
 
 async def supervise(config: ServerConfig, argv: Sequence[str], frontends: int) -> int:
-    run_dir = pathlib.Path(tempfile.mkdtemp(prefix="pt2serve-"))  # mode 0700
+    # Mode 0700. Not `pt2serve-<digits>-`: that is a model extraction's name, which
+    # any pt2serve process removes once its pid is gone (loader/native.py).
+    run_dir = pathlib.Path(tempfile.mkdtemp(prefix="pt2serve-run-"))
     metrics_dir = run_dir / "metrics"
     metrics_dir.mkdir()
     holder, port = reserve_port(config.host, config.grpc_port)

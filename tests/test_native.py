@@ -139,8 +139,10 @@ def test_stale_extractions_of_dead_processes_are_removed(tmp_path: pathlib.Path)
     stale = tmp_path / f"pt2serve-{dead.pid}-abc"
     live = tmp_path / f"pt2serve-{os.getpid()}-def"
     unrelated = tmp_path / "pt2serve-notapid"
-    for path in (stale, live, unrelated):
+    # A supervisor's run directory (mkdtemp) whose random part came out all digits.
+    digits = tmp_path / f"pt2serve-{dead.pid}"
+    for path in (stale, live, unrelated, digits):
         path.mkdir()
         (path / "model.so").write_bytes(b"x")
     assert clean_stale_extractions(str(tmp_path)) == [str(stale)]
-    assert not stale.exists() and live.exists() and unrelated.exists()
+    assert not stale.exists() and live.exists() and unrelated.exists() and digits.exists()
