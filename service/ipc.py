@@ -3,9 +3,9 @@
 A Unix socket was chosen by measurement (bench/transport.py, docs/performance.md):
 the cheapest round trip of the three tried, in CPU and in latency. Tensor bytes
 cross as they are: a frame is written as a list of buffers (the tensors' own memory,
-or a front end's client bytes; no per-element copy) and read back by the engine as
-views into the received frame (joined into batch tensors by its runner threads), by
-a front end as bytes it only encodes.
+or a front end's client bytes; no per-element copy) and read back on either side as
+views into the received frame: the engine's runner threads join them into batch
+tensors, a front end copies them into its responses.
 
 Frames (little-endian), each `u32 length` then the payload:
 
@@ -250,14 +250,6 @@ def _tensor_at(frame: bytearray, at: int) -> tuple[RawTensor, int]:
     return RawTensor(TYPES[code].torch, tuple(shape), memoryview(frame)[start:end]), end
 
 
-def _raw_tensor_at(frame: bytearray, at: int) -> tuple[AnyTensor, int]:
-    """The tensor at `at` as a RawTensor (a copy of its bytes), and where the next
-    field starts."""
-    code, shape, nbytes, start = _read_head(frame, at)
-    end = start + nbytes
-    return RawTensor(TYPES[code].torch, tuple(shape), bytes(frame[start:end])), end
-
-
 def _named(frame: bytearray, at: int, read: Callable[[bytearray, int], tuple[T, int]]) -> dict[str, T]:
     """The `u8 n, n*(str name, tensor)` that ends a request or a result."""
     count = frame[at]
@@ -340,9 +332,11 @@ def pack_result(request_id: int, constants_version: int, outputs: Mapping[str, A
 
 
 def unpack_raw_result(frame: bytearray) -> tuple[int, int, dict[str, AnyTensor]]:
-    """A result whose outputs stay bytes (RawTensor): a front end only encodes them."""
+    """A result whose outputs stay bytes (RawTensor over the frame): a front end only
+    copies them into its response."""
     _, request_id, version = _RESULT.unpack_from(frame, 0)
-    return request_id, version, _named(frame, _RESULT.size, _raw_tensor_at)
+    outputs: dict[str, AnyTensor] = _named(frame, _RESULT.size, _tensor_at)
+    return request_id, version, outputs
 
 
 def pack_error(request_id: int, error: Pt2ServeError) -> list[Any]:
