@@ -18,20 +18,23 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pt2serve.loader.dtypes import AnyTensor
 from pt2serve.loader.errors import ExecutionFailed, Expired, InvalidInput, Overloaded, Unavailable
 from pt2serve.scheduler.adaptive import AdaptiveWait, Contention
 from pt2serve.scheduler.batches import (
+    AnswerSink,
     PendingRequest,
     Runner,
     RunnerSlot,
     RunResult,
     SchedulerStats,
     State,
+    answer_early,
     reassemble,
     resolve,
     run_batch,
@@ -103,6 +106,7 @@ class ModelScheduler:
         self._drained = asyncio.Event()
         self._capacity = sum(s.capacity for s in self._slots)
         self._workers = WorkerPool(self._capacity, f"pt2serve-{name}")
+        self._claims = threading.Lock()  # runner thread answering vs. loop expiring
         self._loop: asyncio.AbstractEventLoop  # set by start()
 
     # ------------------------------------------------------------ lifecycle
@@ -138,17 +142,6 @@ class ModelScheduler:
         return self._in_flight
 
     # --------------------------------------------------------------- submit
-    async def submit(
-        self,
-        inputs: list[AnyTensor],
-        *,
-        priority: int = 0,
-        timeout_s: float | None = None,
-        deadline: float | None = None,
-    ) -> RunResult:
-        """Queue validated inputs (call order) and wait for their outputs."""
-        return await self.enqueue(inputs, priority=priority, timeout_s=timeout_s, deadline=deadline)
-
     def enqueue(
         self,
         inputs: list[AnyTensor],
@@ -157,6 +150,7 @@ class ModelScheduler:
         timeout_s: float | None = None,
         deadline: float | None = None,
         on_done: Callable[[asyncio.Future[RunResult]], None] | None = None,
+        early: tuple[AnswerSink, Any] | None = None,
     ) -> asyncio.Future[RunResult]:
         """Queue validated inputs (call order); the future resolves with their outputs.
 
@@ -166,6 +160,7 @@ class ModelScheduler:
         Raises at once (nothing queued) when the request cannot be accepted.
         `on_done(future)` runs on the loop once the future is done: the same as a
         done-callback, but without scheduling a second callback per request.
+        `early` = (sink, key): a runner thread may answer first (batches.answer_early).
         """
         if self._closing:
             raise Unavailable(f"model {self.name!r} is shutting down")
@@ -198,7 +193,7 @@ class ModelScheduler:
             if on_done is not None:
                 whole.add_done_callback(on_done)
             return whole
-        return self._enqueue_one(inputs, rows, priority, deadline, now, on_done)
+        return self._enqueue_one(inputs, rows, priority, deadline, now, on_done, early)
 
     def _enqueue_one(
         self,
@@ -208,6 +203,7 @@ class ModelScheduler:
         deadline: float | None,
         now: float,
         on_done: Callable[[asyncio.Future[RunResult]], None] | None = None,
+        early: tuple[AnswerSink, Any] | None = None,
     ) -> asyncio.Future[RunResult]:
         if self._queue.size >= self.config.max_queue_size:
             raise Overloaded(
@@ -218,7 +214,9 @@ class ModelScheduler:
         bucket = tuple((tuple(t.shape[1:]) if self.batched else tuple(t.shape), t.dtype) for t in inputs)
         loop = self._loop
         future: asyncio.Future[RunResult] = loop.create_future()
-        req = PendingRequest(inputs, rows, bucket, priority, deadline, future, now, on_done=on_done)
+        req = PendingRequest(
+            inputs, rows, bucket, priority, deadline, future, now, on_done=on_done, early=early
+        )
         if self.adaptive is not None:
             self.adaptive.arrived(now, self._queue.size > 0 or self._in_flight > 0)
         self._queue.push(req)
@@ -243,9 +241,11 @@ class ModelScheduler:
         if req.state is State.QUEUED:
             self._withdraw(req, self._queue.expired())
         elif req.state is State.RUNNING:
-            # The caller's deadline has passed, so its answer is dropped; the batch
-            # still completes for the others.
-            resolve(req, Expired(f"model {self.name!r}: deadline exceeded while running"))
+            # The caller's deadline has passed, so its answer is dropped (unless a
+            # runner thread sent it already); the batch still completes for the others.
+            with self._claims:
+                if not req.claimed:
+                    resolve(req, Expired(f"model {self.name!r}: deadline exceeded while running"))
 
     def _withdraw(self, req: PendingRequest, error: BaseException | None) -> None:
         """Take a queued request out of consideration (lazily: the dispatcher skips it)."""
@@ -299,9 +299,11 @@ class ModelScheduler:
         def job() -> list[list[AnyTensor]]:
             started = time.perf_counter()
             try:
-                return self._execute(slot.runner, batch)
+                results = self._execute(slot.runner, batch)
             finally:
                 compute[0] = time.perf_counter() - started
+            answer_early(self.name, batch, results, version, self._claims, self._clock, self._queue.size)
+            return results
 
         def done(results: list[list[AnyTensor]] | None, error: BaseException | None) -> None:
             rows = sum(r.rows for r in batch)
@@ -339,7 +341,7 @@ class ModelScheduler:
             else:
                 assert results is not None
                 for req, outputs in zip(batch, results, strict=True):
-                    resolve(req, RunResult(outputs, version))
+                    resolve(req, req.answer if req.answer is not None else RunResult(outputs, version))
         finally:
             self._release(slot, batch)
 

@@ -7,17 +7,26 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 from pt2serve.loader.dtypes import AnyTensor, RawTensor, as_raw, join_raw, join_rows, rows_as_raw
 from pt2serve.loader.errors import ExecutionFailed
 
+log = logging.getLogger(__name__)
 J = TypeVar("J", torch.Tensor, RawTensor)
+# A batch of at most this many requests, finishing while nothing is queued, is
+# answered by its runner thread itself where the callers gave a sink: at low load
+# that saves waking the event loop before the answers can leave (docs/
+# performance.md, "Seventh round"). Under load the loop is awake anyway, and must
+# run to start the next batch; answering from it there keeps the runner free.
+EARLY_MAX_REQUESTS = 4
 
 
 class Runner(Protocol):
@@ -31,6 +40,21 @@ class RunResult:
     # Bytes (RawTensor) as a runner thread cut them from the batch's outputs.
     outputs: list[AnyTensor]
     constants_version: int
+    # Already sent to its caller by the runner thread (AnswerSink): the loop only
+    # counts it.
+    delivered: bool = False
+
+
+class AnswerSink(Protocol):
+    """Where a runner thread sends answers the moment their batch has run, instead of
+    handing them to the event loop first (the engine: a front end's socket). Both
+    methods run on a runner thread, possibly two at once."""
+
+    def put(self, key: Any, result: RunResult) -> bool:
+        """Take one request's answer; False if it cannot (the loop then answers)."""
+
+    def flush(self) -> None:
+        """Send what `put` took from this batch."""
 
 
 class State(enum.Enum):
@@ -51,6 +75,13 @@ class PendingRequest:
     enqueued_at: float
     state: State = State.QUEUED
     on_done: Callable[[asyncio.Future[RunResult]], None] | None = None
+    # Where the runner thread may send the answer itself, and the request's key there.
+    early: tuple[AnswerSink, Any] | None = None
+    # Set (under the scheduler's claim lock) once the runner thread has taken charge
+    # of the answer: a deadline passing after that no longer expires the request.
+    claimed: bool = False
+    # The result the runner thread sent (delivered) or tried to.
+    answer: RunResult | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -130,6 +161,47 @@ def run_batch(
         outputs = [out[:total] for out in outputs]
     split = [rows_as_raw(out, rows) for out in outputs]
     return [list(parts) for parts in zip(*split, strict=True)]
+
+
+def answer_early(
+    model: str,
+    batch: Sequence[PendingRequest],
+    results: Sequence[list[AnyTensor]],
+    version: int,
+    claims: threading.Lock,
+    clock: Callable[[], float],
+    queued: int,
+) -> None:
+    """On the runner thread, once `batch` has run, if it is small and nothing is
+    `queued` (else the loop is awake anyway): hand each answer that has a sink to
+    it, unless its request was withdrawn or its deadline has passed (the loop
+    answers those); then flush each sink once. A request is claimed under `claims`
+    first, so that the loop cannot expire it while its answer is on the way."""
+    if queued or len(batch) > EARLY_MAX_REQUESTS:
+        return
+    sinks: list[AnswerSink] = []
+    now = clock()
+    for req, outputs in zip(batch, results, strict=True):
+        if req.early is None:
+            continue
+        with claims:
+            if req.future.done() or (req.deadline is not None and req.deadline <= now):
+                continue
+            req.claimed = True
+        sink, key = req.early
+        try:
+            delivered = sink.put(key, RunResult(outputs, version))
+        except Exception:
+            log.exception("model %r: an answer could not be sent early", model)
+            delivered = False
+        req.answer = RunResult(outputs, version, delivered)
+        if delivered and sink not in sinks:
+            sinks.append(sink)
+    for sink in sinks:
+        try:
+            sink.flush()
+        except Exception:  # its connection is gone: nobody is left to answer
+            log.exception("model %r: early answers could not be sent", model)
 
 
 def _stack(parts: Sequence[AnyTensor], join: Callable[[list[RawTensor]], J]) -> J | torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar
 from pt2serve.loader.dtypes import AnyTensor, TensorLike
 from pt2serve.loader.errors import ErrorKind, ExecutionFailed, InvalidInput, Pt2ServeError, shown
 from pt2serve.loader.schema import ModelSchema
-from pt2serve.scheduler.batches import RunResult
+from pt2serve.scheduler.batches import AnswerSink, RunResult
 from pt2serve.scheduler.registry import ModelRegistry
 
 
@@ -37,6 +37,8 @@ T = TypeVar("T", bound=TensorLike)
 class InferenceResult:
     outputs: dict[str, AnyTensor]
     constants_version: int
+    # Already sent by a runner thread to the caller's AnswerSink.
+    delivered: bool = False
 
 
 # Turns a protocol's request into inputs by name and options; raises Pt2ServeError
@@ -87,12 +89,14 @@ def accept(
 class Ticket:
     """A queued request. `cancel()` withdraws it unless it is already running."""
 
-    __slots__ = ("future", "_model", "_names", "_wanted")
+    __slots__ = ("future", "key", "_model", "_names", "_wanted")
 
-    def __init__(self, model: str, names: tuple[str, ...], wanted: tuple[str, ...]) -> None:
+    def __init__(self, model: str, names: tuple[str, ...], wanted: tuple[str, ...], key: Any = None) -> None:
         self._model = model
         self._names = names
         self._wanted = frozenset(wanted)
+        # The caller's name for the request (the engine: its id on the wire).
+        self.key = key
         self.future: asyncio.Future[RunResult]
 
     def cancel(self) -> None:
@@ -103,16 +107,22 @@ class Ticket:
         error = self.future.exception()
         if error is not None:
             return error
-        result = self.future.result()
+        return self.named(self.future.result())
+
+    def named(self, result: RunResult) -> InferenceResult | ExecutionFailed:
+        """The requested outputs of `result` by name (any thread: it reads only what
+        the ticket was made with)."""
         if len(result.outputs) != len(self._names):
             return ExecutionFailed(
                 f"model {self._model!r} returned {len(result.outputs)} outputs, "
                 f"its schema names {len(self._names)}"
             )
+        pairs = zip(self._names, result.outputs, strict=True)
         if self._wanted:
-            pairs = zip(self._names, result.outputs, strict=True)
-            return InferenceResult({n: t for n, t in pairs if n in self._wanted}, result.constants_version)
-        return InferenceResult(dict(zip(self._names, result.outputs, strict=True)), result.constants_version)
+            outputs = {n: t for n, t in pairs if n in self._wanted}
+        else:
+            outputs = dict(pairs)
+        return InferenceResult(outputs, result.constants_version, result.delivered)
 
 
 class DataPlane:
@@ -135,12 +145,23 @@ class DataPlane:
             raise outcome
         return outcome
 
-    def submit(self, model: str, decode: Decode, on_done: OnDone | None = None) -> Ticket:
+    def submit(
+        self,
+        model: str,
+        decode: Decode,
+        on_done: OnDone | None = None,
+        sink: AnswerSink | None = None,
+        key: Any = None,
+    ) -> Ticket:
         """Decode, validate and queue a request without waiting for it (streams).
 
         Raises at once for a request that cannot be accepted. `on_done` runs on the
         loop once the request has ended, after it is counted, unless it was cancelled:
         one callback per request, not a second one on the future.
+
+        With a `sink`, a runner thread may answer first: `sink.put(ticket, result)`
+        with the ticket (its `key` is `key`) and the raw result (`ticket.named`
+        names it); `on_done` then gets the outcome with `delivered` set.
         """
         started = time.monotonic()
         try:
@@ -149,7 +170,7 @@ class DataPlane:
             schema = loaded.schema
             # Inputs stay as received (RawTensor: bytes) until a runner joins the batch.
             ordered = accept(schema, model, decoded, options, loaded.batching.row_limit)
-            ticket = Ticket(model, schema.output_names, options.output_names)
+            ticket = Ticket(model, schema.output_names, options.output_names, key)
 
             def done(future: asyncio.Future[RunResult]) -> None:
                 try:
@@ -164,6 +185,7 @@ class DataPlane:
                 timeout_s=options.timeout_s,
                 deadline=options.deadline,
                 on_done=done,
+                early=None if sink is None else (sink, ticket),
             )
         except Pt2ServeError as exc:
             telemetry = self._registry.telemetry

@@ -6,8 +6,10 @@ It listens on two Unix sockets in the run directory the supervisor made (mode 07
 - `engine.sock`, the data path: front ends send validated requests as frames
   (service/ipc.py); the engine queues them on the same data plane as the single-
   process server and writes each answer back on the connection it came from. A
-  connection's frames are read in one pass per wakeup, and the answers of one loop
-  pass leave in one write.
+  connection's frames are read in one pass per wakeup. A batch of a few requests
+  is answered by its runner thread, the moment it has run (no wait for the event
+  loop to wake); the answers of a bigger batch, and errors, leave from the loop,
+  those of one loop pass in one write.
 - `engine-grpc.sock`, every other RPC: a Pt2Server without TLS, token or call
   metrics (the front end checked and counted the call), which front ends forward
   to unchanged.
@@ -22,15 +24,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import pathlib
+import socket
 from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.registry import Collector
 
 from pt2serve.loader.dtypes import AnyTensor
 from pt2serve.loader.errors import ExecutionFailed, Pt2ServeError
+from pt2serve.scheduler.batches import RunResult
 from pt2serve.scheduler.dataplane import InferenceOptions, InferenceResult, Ticket
-from pt2serve.service import ipc
+from pt2serve.service import ipc, links
 from pt2serve.service.config import ServerConfig
 from pt2serve.service.metrics import MergedCollector
 from pt2serve.service.server import Pt2Server
@@ -53,7 +58,7 @@ class Engine:
         self.run_dir = run_dir
         self.server = Pt2Server(config, CollectorRegistry(), listen=grpc_address(run_dir))
         self.links: set[_Link] = set()
-        self._data_server: asyncio.AbstractServer | None = None
+        self._listener: socket.socket | None = None
 
     def served_registry(self, front_ends_dir: str | None) -> CollectorRegistry:
         """/metrics for every process: the engine's metrics (in memory, with the live
@@ -74,8 +79,12 @@ class Engine:
         path = data_socket(self.run_dir)
         for left in (pathlib.Path(path), self.run_dir / GRPC_SOCKET):
             left.unlink(missing_ok=True)  # left by an engine that crashed
-        loop = asyncio.get_running_loop()
-        self._data_server = await loop.create_unix_server(lambda: _Link(self), path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(64)
+        listener.setblocking(False)
+        self._listener = listener
+        asyncio.get_running_loop().add_reader(listener.fileno(), self._accept)
 
         async def changed(model: str, serving: bool) -> None:
             self.broadcast()
@@ -88,10 +97,24 @@ class Engine:
         self.server.ready = False
         self.broadcast()
         await self.server.stop()
-        if self._data_server is not None:
-            self._data_server.close()
+        if self._listener is not None:
+            asyncio.get_running_loop().remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
         for link in list(self.links):
             link.close()
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors, say: the front end retries
+                log.error("could not accept a front end's connection: %s", exc)
+                return
+            _Link(self, sock)
 
     def state(self) -> ipc.EngineState:
         models = {m.name: ipc.ModelView(m.schema, m.batching.row_limit) for m in self.server.manager.models()}
@@ -105,24 +128,23 @@ class Engine:
             link.send(frame, now=True)
 
 
-class _Link(ipc.FrameLink):
-    """One front end's data connection."""
+class _Link(links.SocketLink):
+    """One front end's data connection, and the sink its answers take when a runner
+    thread sends them itself (scheduler.batches.AnswerSink)."""
 
-    def __init__(self, engine: Engine) -> None:
-        super().__init__()
+    def __init__(self, engine: Engine, sock: socket.socket) -> None:
+        super().__init__(sock, asyncio.get_running_loop())
         self._engine = engine
         self._data = engine.server.manager.data
         self._contention = engine.server.manager.registry.contention
         self._tickets: dict[int, Ticket] = {}
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._engine.links.add(self)
-        self.send(ipc.pack_state(self._engine.state()))
+        # Answers a runner thread has put and not yet flushed.
+        self._early: list[Any] = []
+        engine.links.add(self)
+        self.send(ipc.pack_state(engine.state()))
 
     def connection_lost(self, exc: Exception | None) -> None:
         # The front end is gone: withdraw what it was waiting for.
-        super().connection_lost(exc)
         self._engine.links.discard(self)
         self._contention.report(self, False)
         tickets, self._tickets = self._tickets, {}
@@ -163,7 +185,7 @@ class _Link(ipc.FrameLink):
             # The front end validated the inputs against the same schema; the data
             # plane checks them again (a few comparisons), in case the model was
             # replaced while the request was on its way.
-            self._tickets[request_id] = self._data.submit(request.model, decode, done)
+            self._tickets[request_id] = self._data.submit(request.model, decode, done, self, request_id)
         except Pt2ServeError as exc:
             self.send(ipc.pack_error(request_id, exc))
         except Exception as exc:
@@ -172,8 +194,28 @@ class _Link(ipc.FrameLink):
             log.exception("request %d could not be queued", request_id)
             self.send(ipc.pack_error(request_id, ExecutionFailed(f"internal error: {exc}")))
 
+    def put(self, key: Any, result: RunResult) -> bool:
+        """On a runner thread: frame one answer (`key` is its Ticket)."""
+        ticket: Ticket = key
+        named = ticket.named(result)
+        if not isinstance(named, InferenceResult):
+            return False
+        try:
+            frame = ipc.pack_result(ticket.key, named.constants_version, named.outputs)
+        except Pt2ServeError:  # a dtype the wire does not carry: the loop says so
+            return False
+        self._early.append(frame)
+        return True
+
+    def flush(self) -> None:
+        """On a runner thread: write the answers put so far, in one write."""
+        frames, self._early = self._early, []
+        self.write([part for frame in frames for part in frame])
+
     def _answer(self, request_id: int, outcome: InferenceResult | BaseException) -> None:
         if isinstance(outcome, InferenceResult):
+            if outcome.delivered:  # a runner thread sent it
+                return
             try:
                 self.send(ipc.pack_result(request_id, outcome.constants_version, outcome.outputs))
                 return

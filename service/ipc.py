@@ -5,7 +5,8 @@ the cheapest round trip of the three tried, in CPU and in latency. Tensor bytes
 cross as they are: a frame is written as a list of buffers (the tensors' own memory,
 or a front end's client bytes; no per-element copy) and read back on either side as
 views into the received frame: the engine's runner threads join them into batch
-tensors, a front end copies them into its responses.
+tensors, a front end copies them into its responses. The socket's two ends, and
+how frames are cut and written, are in service/links.py.
 
 Frames (little-endian), each `u32 length` then the payload:
 
@@ -23,13 +24,12 @@ Frames (little-endian), each `u32 length` then the payload:
 
 from __future__ import annotations
 
-import asyncio
 import math
 import pickle
 import struct
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -49,9 +49,9 @@ from pt2serve.loader.errors import (
     Unsupported,
 )
 from pt2serve.loader.schema import ModelSchema
+from pt2serve.service.links import LENGTH
 
 REQUEST, CANCEL, RESULT, ERROR, STATE, STARVED = b"R", b"C", b"O", b"E", b"S", b"P"
-_LENGTH = struct.Struct("<I")
 _REQUEST = struct.Struct("<cQddH")
 _ID = struct.Struct("<cQ")
 _RESULT = struct.Struct("<cQQ")
@@ -92,77 +92,9 @@ class EngineState:
     models: dict[str, ModelView] = field(default_factory=dict)
 
 
-class FrameReader:
-    """Cuts a byte stream into frame payloads (each a bytearray of its own: tensors
-    decoded from it own writable memory, as the runtime needs)."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes) -> Iterator[bytearray]:
-        buffer = self._buffer
-        buffer += data
-        start = 0
-        end = len(buffer)
-        while end - start >= 4:
-            (length,) = _LENGTH.unpack_from(buffer, start)
-            if end - start - 4 < length:
-                break
-            yield buffer[start + 4 : start + 4 + length]
-            start += 4 + length
-        if start:
-            del buffer[:start]
-
-
-class FrameLink(asyncio.Protocol):
-    """One end of the socket: frames in (`received`, one call per frame), and frames
-    out, those of one loop pass in one write (`send`)."""
-
-    def __init__(self) -> None:
-        self._reader = FrameReader()
-        self._out: list[Any] = []
-        self._transport: asyncio.Transport | None = None
-        # Kept: on Python before 3.12, each asyncio.get_running_loop() is a getpid()
-        # system call (measured: several µs a request on the engine's loop).
-        self.loop = asyncio.get_running_loop()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-
-    def data_received(self, data: bytes) -> None:
-        for frame in self._reader.feed(data):
-            if self._transport is None or self._transport.is_closing():
-                return
-            self.received(frame)
-
-    def received(self, frame: bytearray) -> None:
-        raise NotImplementedError
-
-    def send(self, frame: list[Any], now: bool = False) -> None:
-        """Queue a frame for the end of this loop pass, or, with `now`, write it and
-        everything queued before it at once."""
-        if not self._out and not now:
-            self.loop.call_soon(self._flush)
-        self._out.extend(frame)
-        if now:
-            self._flush()
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-
-    def _flush(self) -> None:
-        out, self._out = self._out, []
-        if out and self._transport is not None and not self._transport.is_closing():
-            self._transport.writelines(out)
-
-
 def _framed(parts: list[Any]) -> list[Any]:
     size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
-    parts.insert(0, _LENGTH.pack(size))
+    parts.insert(0, LENGTH.pack(size))
     return parts
 
 
@@ -225,7 +157,7 @@ def _framed_tensors(head: bytes, tensors: Mapping[str, AnyTensor], field: str) -
     if head:  # no tensors
         parts.append(head)
         size = len(head)
-    parts[0] = _LENGTH.pack(size)
+    parts[0] = LENGTH.pack(size)
     return parts
 
 

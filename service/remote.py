@@ -17,7 +17,7 @@ from pt2serve.loader.errors import ErrorKind, Pt2ServeError, Unavailable
 from pt2serve.scheduler.dataplane import Decode, InferenceResult, OnDone, accept
 from pt2serve.scheduler.registry import UNKNOWN_MODEL_LABEL
 from pt2serve.scheduler.telemetry import Telemetry
-from pt2serve.service import ipc
+from pt2serve.service import ipc, links
 
 log = logging.getLogger(__name__)
 RECONNECT_S = 0.05
@@ -206,7 +206,7 @@ class EnginePlane:
             log.warning("lost the engine connection; answering UNAVAILABLE until it is back")
 
 
-class _EngineLink(ipc.FrameLink):
+class _EngineLink(links.FrameLink):
     def __init__(self, plane: EnginePlane, lost: asyncio.Future[None]) -> None:
         super().__init__()
         self._plane = plane

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import socket
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from pt2serve.loader.errors import ErrorKind, InvalidInput, Pt2ServeError, Unava
 from pt2serve.loader.schema import Dim, ModelSchema, TensorSpec
 from pt2serve.scheduler.dataplane import InferenceOptions, InferenceResult
 from pt2serve.scheduler.telemetry import NoTelemetry
-from pt2serve.service import ipc
+from pt2serve.service import ipc, links
 from pt2serve.service.remote import EnginePlane, _EngineLink
 
 SHAPES = st.lists(st.integers(min_value=0, max_value=5), min_size=0, max_size=4)
@@ -52,7 +53,7 @@ def joined(parts: list[object]) -> bytes:
 
 def framed(parts: list[object]) -> bytearray:
     """The payload of one frame, as FrameReader hands it over."""
-    (frame,) = ipc.FrameReader().feed(joined(parts))
+    (frame,) = links.FrameReader().feed(joined(parts))
     return frame
 
 
@@ -104,9 +105,87 @@ def test_a_dtype_the_wire_does_not_carry_is_refused_by_name() -> None:
 
 def test_frames_split_anywhere_are_read_whole() -> None:
     data = b"".join(bytes(p) for p in ipc.pack_cancel(1) + ipc.pack_cancel(2) + ipc.pack_cancel(3))
-    reader = ipc.FrameReader()
+    reader = links.FrameReader()
     frames = [f for i in range(len(data)) for f in reader.feed(data[i : i + 1])]
     assert [ipc.unpack_id(f) for f in frames] == [1, 2, 3]
+
+
+class RecordingLink(links.SocketLink):
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock, asyncio.get_running_loop())
+        self.frames: list[bytes] = []
+        self.lost: asyncio.Future[Exception | None] = self.loop.create_future()
+
+    def received(self, frame: bytearray) -> None:
+        self.frames.append(bytes(frame))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        assert not self.lost.done(), "connection_lost called twice"
+        self.lost.set_result(exc)
+
+
+def read_all(sock: socket.socket, size: int) -> bytes:
+    sock.settimeout(30)  # lost bytes fail the test, not hang it
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(1 << 20)
+        assert chunk, "closed early"
+        data += chunk
+    return bytes(data)
+
+
+async def test_frames_written_from_many_threads_arrive_whole_and_in_order() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    link = RecordingLink(ours)
+    threads, per_thread = 4, 12
+
+    def frame(thread: int, seq: int) -> list[object]:
+        # Sizes up to 600 kB: together far more than the socket holds, so writes
+        # stall half-way through a frame and the rest must queue in order.
+        size = (seq * 7919 + thread * 104729) % 600_000
+        message = bytes([65 + thread]) * size
+        return ipc.pack_error(thread * 1000 + seq, InvalidInput(message.decode()))
+
+    frames = {(t, i): frame(t, i) for t in range(threads) for i in range(per_thread)}
+    total = sum(len(joined(f)) for f in frames.values())
+
+    def write(thread: int) -> None:
+        for seq in range(per_thread):
+            link.write(frames[thread, seq])
+
+    writers = [threading.Thread(target=write, args=(t,)) for t in range(threads)]
+    for writer in writers:
+        writer.start()
+    link.send(ipc.pack_cancel(99))  # and the loop's own, meanwhile
+    for writer in writers:
+        await asyncio.to_thread(writer.join)
+    # Nobody has read yet: most of it waits on the link, for the loop to write.
+    data = await asyncio.to_thread(read_all, theirs, total + len(joined(ipc.pack_cancel(99))))
+    read = list(links.FrameReader().feed(data))
+    assert [f for f in read if f[:1] == ipc.CANCEL] == [framed(ipc.pack_cancel(99))]
+    errors = [ipc.unpack_error(f) for f in read if f[:1] == ipc.ERROR]
+    assert len(errors) == threads * per_thread
+    for thread in range(threads):
+        mine = [(i, e) for i, e in errors if i // 1000 == thread]
+        assert [i % 1000 for i, _ in mine] == list(range(per_thread))  # in order
+        for i, error in mine:
+            sent_id, sent = ipc.unpack_error(framed(frames[thread, i % 1000]))
+            assert (i, str(error)) == (sent_id, str(sent))
+    theirs.close()
+    assert await link.lost is None
+
+
+async def test_a_closed_link_takes_writes_quietly_and_says_lost_once() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    link = RecordingLink(ours)
+    theirs.sendall(joined(ipc.pack_cancel(7)))
+    theirs.close()
+    assert await link.lost is None
+    assert [ipc.unpack_id(f) for f in link.frames] == [7]
+    await asyncio.to_thread(link.write, ipc.pack_cancel(8))  # no error, nothing sent
+    link.send(ipc.pack_cancel(9), now=True)
+    link.close()
+    assert link.closed
 
 
 SCHEMA = ModelSchema(
@@ -123,7 +202,7 @@ class Engine:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     plane: EnginePlane
-    frames: ipc.FrameReader
+    frames: links.FrameReader
     read: list[bytearray]
 
     async def next_frame(self) -> bytearray:
@@ -146,7 +225,7 @@ async def engine() -> AsyncIterator[Engine]:
     lost: asyncio.Future[None] = loop.create_future()
     await loop.create_unix_connection(lambda: _EngineLink(plane, lost), sock=theirs)
     reader, writer = await asyncio.open_unix_connection(sock=ours)
-    test_engine = Engine(reader, writer, plane, ipc.FrameReader(), [])
+    test_engine = Engine(reader, writer, plane, links.FrameReader(), [])
     told = asyncio.Event()
     plane.changed = told.set
     await test_engine.send(ipc.pack_state(ipc.EngineState(True, {"m": ipc.ModelView(SCHEMA, 8)})))

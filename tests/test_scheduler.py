@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from pt2serve.loader.dtypes import TYPES, AnyTensor, RawTensor, join_raw, join_rows, rows_as_raw
 from pt2serve.loader.errors import ExecutionFailed, Expired, InvalidInput, Overloaded, Unavailable
 from pt2serve.scheduler.batcher import BatchingConfig, ModelScheduler, RunnerSlot, RunResult
+from pt2serve.scheduler.batches import EARLY_MAX_REQUESTS
 
 WIDTHS = (3, 5)  # two shape buckets: rows of width 3 or 5
 
@@ -116,7 +117,7 @@ async def settle() -> None:
 async def test_idle_runner_dispatches_a_lone_request_at_once() -> None:
     runner = FakeRunner()
     scheduler = make(runner, max_queue_delay_us=0)
-    result = await scheduler.submit(request(1, rows=2))
+    result = await enqueue(scheduler, request(1, rows=2))
     torch.testing.assert_close(host(result.outputs), expected(request(1, rows=2)))
     assert runner.batches == [[1, 1]]
     await scheduler.close()
@@ -162,7 +163,7 @@ async def test_full_queue_is_refused_at_once() -> None:
     queued = [enqueue(scheduler, request(i)) for i in (2, 3)]
     await settle()
     with pytest.raises(Overloaded, match="queue full"):
-        await scheduler.submit(request(4))
+        await enqueue(scheduler, request(4))
     runner.gate.set()
     await asyncio.gather(running, *queued)
     assert 4 not in sum(runner.batches, [])
@@ -203,7 +204,7 @@ async def test_timeout_can_only_shorten_the_deadline() -> None:
         await late
     await running
     with pytest.raises(Expired, match="before the request was queued"):
-        await scheduler.submit(request(3), deadline=clock.now - 1)
+        await enqueue(scheduler, request(3), deadline=clock.now - 1)
     await scheduler.close()
 
 
@@ -239,7 +240,7 @@ async def test_a_failing_batch_is_retried_member_by_member() -> None:
         await bad
     # The mixed batch failed once, then each member ran alone.
     assert runner.batches[1] == [2, 3, -5] and sorted(runner.batches[2:]) == [[-5], [2], [3]]
-    assert host((await scheduler.submit(request(9))).outputs)[0][0, 0] == 18
+    assert host((await enqueue(scheduler, request(9))).outputs)[0][0, 0] == 18
     await scheduler.close()
 
 
@@ -255,7 +256,7 @@ async def test_higher_priority_goes_first() -> None:
     await asyncio.gather(running, low, high)
     assert runner.batches == [[1], [3], [2]]
     with pytest.raises(InvalidInput, match="priority 2 out of range"):
-        await scheduler.submit(request(4), priority=2)
+        await enqueue(scheduler, request(4), priority=2)
     await scheduler.close()
 
 
@@ -263,11 +264,11 @@ async def test_large_requests_are_split_and_reassembled() -> None:
     runner = FakeRunner()
     scheduler = make(runner, max_batch_size=4, max_rows_per_request=10)
     inputs = request(7, rows=10)
-    result = await scheduler.submit(inputs)
+    result = await enqueue(scheduler, inputs)
     torch.testing.assert_close(host(result.outputs), expected(inputs))
     assert [len(b) for b in runner.batches] == [4, 4, 2]
     with pytest.raises(InvalidInput, match="too many rows: 11"):
-        await scheduler.submit(request(7, rows=11))
+        await enqueue(scheduler, request(7, rows=11))
     await scheduler.close()
 
 
@@ -305,6 +306,97 @@ def test_answers_the_wire_cannot_carry_stay_tensors_for_the_encoder_to_refuse() 
     parts = rows_as_raw(batch, [1, 2])
     assert [type(p) for p in parts] == [torch.Tensor, torch.Tensor]
     assert [tuple(p.shape) for p in parts] == [(1, 2), (2, 2)]
+
+
+class RecordingSink:
+    """An AnswerSink that records what runner threads put, and where; it refuses the
+    keys in `refuse` (the loop answers those), and `put` waits for `gate`."""
+
+    def __init__(self, refuse: frozenset[int] = frozenset()) -> None:
+        self.refuse = refuse
+        self.puts: dict[int, list[RunResult]] = {}
+        self.threads: set[int] = set()
+        self.flushes = 0
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def put(self, key: int, result: RunResult) -> bool:
+        self.entered.set()
+        self.gate.wait(timeout=30)
+        self.puts.setdefault(key, []).append(result)
+        self.threads.add(threading.get_ident())
+        return key not in self.refuse
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+async def test_a_small_batch_is_answered_by_its_runner_thread() -> None:
+    runner = FakeRunner(hold=True)
+    scheduler = make(runner)
+    sink = RecordingSink(refuse=frozenset({3}))
+    first = enqueue(scheduler, request(1), early=(sink, 1))
+    await settle()
+    rest = [enqueue(scheduler, request(i), early=(sink, i)) for i in (2, 3)]
+    plain = enqueue(scheduler, request(4))
+    await settle()
+    runner.gate.set()
+    results = await asyncio.gather(first, *rest, plain)
+    assert runner.batches == [[1], [2, 3, 4]]
+    # 1 finished while the others waited: the loop, which starts the next batch,
+    # answers it. 4 has no sink.
+    assert sorted(sink.puts) == [2, 3]
+    assert threading.get_ident() not in sink.threads  # never on the loop
+    assert sink.flushes == 1  # once a batch that put something
+    for key, result in zip((1, 2, 3, 4), results, strict=True):
+        torch.testing.assert_close(host(result.outputs), expected(request(key)))
+        if key in sink.puts:
+            (put,) = sink.puts[key]
+            assert put.outputs == result.outputs
+        # Delivered: the loop must not answer again; refused or without a sink: it must.
+        assert result.delivered == (key == 2)
+    alone = await enqueue(scheduler, request(5), early=(sink, 5))
+    assert alone.delivered and sink.puts[5][0].outputs == alone.outputs
+    await scheduler.close()
+
+
+async def test_a_big_batch_is_answered_from_the_loop() -> None:
+    runner = FakeRunner(hold=True)
+    scheduler = make(runner, max_batch_size=16)
+    sink = RecordingSink()
+    first = enqueue(scheduler, request(0))
+    await settle()
+    many = [enqueue(scheduler, request(i), early=(sink, i)) for i in range(1, EARLY_MAX_REQUESTS + 2)]
+    await settle()
+    runner.gate.set()
+    results = await asyncio.gather(first, *many)
+    assert len(runner.batches) == 2 and len(runner.batches[1]) == EARLY_MAX_REQUESTS + 1
+    assert not sink.puts and not any(r.delivered for r in results)
+    await scheduler.close()
+
+
+async def test_a_deadline_passing_after_the_runner_took_the_answer_does_not_expire_it() -> None:
+    runner = FakeRunner()
+    clock = FakeClock()  # the runner's deadline check reads it: it never sees the deadline pass
+    scheduler = make(runner, clock=clock)
+    sink = RecordingSink()
+    sink.gate.clear()
+    expired = asyncio.Event()
+    expire = scheduler._expire
+
+    def spy(req: object) -> None:
+        expire(req)  # type: ignore[arg-type]
+        expired.set()
+
+    scheduler._expire = spy  # type: ignore[method-assign]
+    future = enqueue(scheduler, request(1), timeout_s=0.05, early=(sink, 1))
+    await asyncio.to_thread(sink.entered.wait, 30)  # the runner thread took the answer
+    await expired.wait()  # and then the deadline's timer ran on the loop
+    sink.gate.set()
+    result = await future
+    assert result.delivered and sink.puts[1][0].outputs == result.outputs
+    await scheduler.close()
 
 
 async def test_preferred_batch_sizes_cut_batches() -> None:
@@ -384,7 +476,7 @@ async def test_close_drains_then_refuses() -> None:
     with pytest.raises(Unavailable):
         await queued
     with pytest.raises(Unavailable):
-        await scheduler.submit(request(3))
+        await enqueue(scheduler, request(3))
 
 
 # ------------------------------------------------------------------ properties
@@ -403,13 +495,21 @@ request_plan = st.tuples(
     capacity=st.integers(1, 2),
     delay=st.sampled_from([0.0, 0.001]),
     raw_every=st.sampled_from([0, 1, 2]),
+    sink_every=st.sampled_from([0, 1, 2]),
 )
 def test_every_request_is_answered_exactly_once(
-    plans: list[tuple[int, int, int, str]], max_batch: int, capacity: int, delay: float, raw_every: int
+    plans: list[tuple[int, int, int, str]],
+    max_batch: int,
+    capacity: int,
+    delay: float,
+    raw_every: int,
+    sink_every: int,
 ) -> None:
     """`raw_every`: which requests arrive as received bytes (RawTensor), as from a
-    decoder or the engine's frames: none, all, or every other one (mixed batches)."""
-    asyncio.run(_check_invariants(plans, max_batch, capacity, delay, raw_every))
+    decoder or the engine's frames: none, all, or every other one (mixed batches).
+    `sink_every`: which ones a runner thread may answer itself (an AnswerSink, as
+    the engine gives), the same way."""
+    asyncio.run(_check_invariants(plans, max_batch, capacity, delay, raw_every, sink_every))
 
 
 def as_received(tensor: torch.Tensor) -> RawTensor:
@@ -417,7 +517,12 @@ def as_received(tensor: torch.Tensor) -> RawTensor:
 
 
 async def _check_invariants(
-    plans: list[tuple[int, int, int, str]], max_batch: int, capacity: int, delay: float, raw_every: int
+    plans: list[tuple[int, int, int, str]],
+    max_batch: int,
+    capacity: int,
+    delay: float,
+    raw_every: int,
+    sink_every: int = 0,
 ) -> None:
     runner = FakeRunner(hold=True)
     clock = FakeClock()
@@ -431,6 +536,8 @@ async def _check_invariants(
     )
     inputs = {}
     tasks = {}
+    sink = RecordingSink(refuse=frozenset(range(3, len(plans) + 1, 3)))
+    with_sink = set()
     for ident, (rows, width, priority, fate) in enumerate(plans, start=1):
         key = -ident if fate == "poison" else ident
         inputs[key] = request(key, rows=rows, width=width)
@@ -438,7 +545,11 @@ async def _check_invariants(
         if raw_every and ident % raw_every == 0:
             sent = [as_received(t) for t in sent]
         deadline = clock.now + (1 if fate == "expire" else 1e6)
-        tasks[key] = enqueue(scheduler, sent, priority=priority, deadline=deadline)
+        early = None
+        if sink_every and ident % sink_every == 0:
+            early = (sink, key)
+            with_sink.add(key)
+        tasks[key] = enqueue(scheduler, sent, priority=priority, deadline=deadline, early=early)
     # Every dispatched batch must reach the runner, so that `started` is exact.
     await asyncio.to_thread(runner.wait_entered, scheduler.batches_in_flight)
     with runner.lock:
@@ -470,6 +581,31 @@ async def _check_invariants(
     for batch, widths in zip(runner.batches, runner.widths, strict=True):
         assert len(batch) <= max_batch
         assert len(widths) == 1
+    # Answered early exactly when allowed: once, off the loop, with the answer the
+    # future got; never for a withdrawn, expired, failed or split request.
+    assert threading.get_ident() not in sink.threads
+    failed = {i for batch in runner.batches if min(batch) < 0 for i in batch}
+    early_batches = [set(b) for b in runner.batches if min(b) > 0 and len(set(b)) <= EARLY_MAX_REQUESTS]
+    rows = {key: inputs[key][0].shape[0] for key in inputs}
+    for (key, fate), result in zip(fates.items(), results, strict=True):
+        puts = sink.puts.get(key, [])
+        assert len(puts) <= 1
+        eligible = (
+            key in with_sink
+            and fate == "ok"
+            and rows[key] <= max_batch
+            and key not in failed
+            and any(key in b for b in early_batches)
+        )
+        if fate in ("cancel", "expire", "poison") or key not in with_sink:
+            assert not puts, (key, fate)
+        # (and only when nothing waited as the batch finished: not known here)
+        assert eligible or not puts, (key, fate)
+        if puts:
+            assert isinstance(result, RunResult) and puts[0].outputs == result.outputs
+            assert result.delivered == (key not in sink.refuse)
+        elif isinstance(result, RunResult):
+            assert not result.delivered
     assert scheduler.queue_depth == 0
     await scheduler.close()
 
@@ -486,7 +622,7 @@ async def test_a_flooded_model_does_not_hold_up_another() -> None:
         flooded.enqueue(request(99))
     other = make(FakeRunner())
     answers = await asyncio.wait_for(
-        asyncio.gather(*(other.submit(request(i)) for i in range(20))), timeout=30
+        asyncio.gather(*(enqueue(other, request(i)) for i in range(20))), timeout=30
     )
     for i, answer in enumerate(answers):
         torch.testing.assert_close(host(answer.outputs), expected(request(i)))
