@@ -12,9 +12,10 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import numpy as np
 import torch
 
-from pt2serve.loader.dtypes import BY_TORCH, TYPES, AnyTensor
+from pt2serve.loader.dtypes import BY_TORCH, TYPES, AnyTensor, RawTensor
 from pt2serve.loader.errors import InvalidInput, ModelNotFound, Pt2ServeError, shown
 from pt2serve.loader.schema import ModelSchema, TensorSpec
 from pt2serve.scheduler.config import ModelConfig
@@ -118,8 +119,9 @@ def decode_inputs(request: v2.ModelInferRequest, max_bytes: int | None = None) -
                 raise InvalidInput(
                     f"{field}: {typed} value {bad} is out of range for {spec.datatype} ({low}..{high})"
                 )
-        tensor = torch.tensor(values, dtype=element.torch) if values else torch.empty(0, dtype=element.torch)
-        tensors[spec.name] = tensor.reshape(shape)
+        # Bytes, as raw contents would have been: no torch call on the event loop.
+        data = np.asarray(values, dtype=element.numpy).tobytes()
+        tensors[spec.name] = RawTensor(element.torch, tuple(shape), data)
     return tensors
 
 

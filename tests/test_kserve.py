@@ -13,7 +13,7 @@ import torch
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from pt2serve.loader.dtypes import AnyTensor, RawTensor
+from pt2serve.loader.dtypes import TYPES, AnyTensor, RawTensor
 from pt2serve.service.demo import demo_model
 from pt2serve.service.kserve import decode_inputs, encode_response
 from pt2serve.service.pb import grpc_service_pb2 as v2
@@ -206,6 +206,29 @@ async def test_statistics_and_repository(running: Running, packages: Packages) -
 def as_tensor(tensor: AnyTensor) -> torch.Tensor:
     """Raw contents stay bytes until the data plane makes them a tensor."""
     return tensor.tensor() if isinstance(tensor, RawTensor) else tensor
+
+
+@pytest.mark.parametrize("element", [t for t in TYPES if t.kserve_contents], ids=lambda t: t.kserve)
+def test_typed_contents_become_the_bytes_raw_contents_would_be(element: Any) -> None:
+    """Every type with a typed-contents field, at its extremes: decoded as bytes (no
+    torch call on the loop), the same bytes raw contents carry."""
+    info = np.finfo(element.numpy) if np.issubdtype(element.numpy, np.floating) else None
+    if element.numpy is np.bool_:
+        values = np.array([[True, False, True]])
+    elif info is not None:
+        values = np.array([[info.min, -0.0, info.max]], dtype=element.numpy)
+    else:
+        limits = np.iinfo(element.numpy)
+        values = np.array([[limits.min, 0, limits.max]], dtype=element.numpy)
+    raw = v2.ModelInferRequest(model_name="m")
+    raw.inputs.add(name="x", datatype=element.kserve, shape=[1, 3])
+    raw.raw_input_contents.append(values.astype(element.numpy).tobytes())
+    typed = v2.ModelInferRequest(model_name="m")
+    spec = typed.inputs.add(name="x", datatype=element.kserve, shape=[1, 3])
+    getattr(spec.contents, element.kserve_contents).extend(values.ravel().tolist())
+    got, want = decode_inputs(typed)["x"], decode_inputs(raw)["x"]
+    assert isinstance(got, RawTensor) and isinstance(want, RawTensor)
+    assert (got.dtype, got.shape, bytes(got.data)) == (want.dtype, want.shape, bytes(want.data))
 
 
 def test_typed_and_raw_contents_decode_alike() -> None:
