@@ -169,6 +169,22 @@ def test_answers_through_every_front_end_equal_eager(server: Replica) -> None:
                 )
 
 
+def test_many_requests_at_once_each_get_their_own_answer(server: Replica) -> None:
+    """64 requests out together: the first batches are small (their runner answers
+    them), the later ones big (the engine's loop does); every answer must reach the
+    request it belongs to, once."""
+    inputs = [torch.randn(1, 16, generator=torch.Generator().manual_seed(100 + i)) for i in range(64)]
+    with grpc.insecure_channel(server.address) as channel:
+        native = pb_grpc.InferenceStub(channel)
+        calls = [
+            native.Run.future(run_request("demo", str(i), x=x), timeout=30) for i, x in enumerate(inputs)
+        ]
+        answers = [call.result() for call in calls]
+    for i, (x, answer) in enumerate(zip(inputs, answers, strict=True)):
+        assert answer.request_id == str(i)
+        torch.testing.assert_close(outputs_of(answer)["logits"], demo_answer(x))
+
+
 def test_bad_requests_are_refused_by_name_and_serving_goes_on(server: Replica) -> None:
     with grpc.insecure_channel(server.address) as channel:
         native = pb_grpc.InferenceStub(channel)
