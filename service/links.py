@@ -46,13 +46,37 @@ class FrameReader:
             del buffer[:start]
 
 
-class FrameLink(asyncio.Protocol):
+class _OnePass:
+    """Frames sent on the loop leave at the end of its pass, together (`send`)."""
+
+    loop: asyncio.AbstractEventLoop
+    _out: list[Any]  # this loop pass's frames (loop thread only)
+
+    def send(self, frame: list[Any], now: bool = False) -> None:
+        """On the loop: queue a frame for the end of this loop pass, or, with `now`,
+        write it and everything queued before it at once."""
+        if not self._out and not now:
+            self.loop.call_soon(self._flush)
+        self._out.extend(frame)
+        if now:
+            self._flush()
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if out:
+            self._write_out(out)
+
+    def _write_out(self, parts: list[Any]) -> None:
+        raise NotImplementedError
+
+
+class FrameLink(_OnePass, asyncio.Protocol):
     """One end of the socket: frames in (`received`, one call per frame), and frames
     out, those of one loop pass in one write (`send`)."""
 
     def __init__(self) -> None:
         self._reader = FrameReader()
-        self._out: list[Any] = []
+        self._out = []
         self._transport: asyncio.Transport | None = None
         # Kept: on Python before 3.12, each asyncio.get_running_loop() is a getpid()
         # system call (measured: several µs a request on the engine's loop).
@@ -73,26 +97,16 @@ class FrameLink(asyncio.Protocol):
     def received(self, frame: bytearray) -> None:
         raise NotImplementedError
 
-    def send(self, frame: list[Any], now: bool = False) -> None:
-        """Queue a frame for the end of this loop pass, or, with `now`, write it and
-        everything queued before it at once."""
-        if not self._out and not now:
-            self.loop.call_soon(self._flush)
-        self._out.extend(frame)
-        if now:
-            self._flush()
-
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
 
-    def _flush(self) -> None:
-        out, self._out = self._out, []
-        if out and self._transport is not None and not self._transport.is_closing():
-            self._transport.writelines(out)
+    def _write_out(self, parts: list[Any]) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(parts)
 
 
-class SocketLink:
+class SocketLink(_OnePass):
     """The engine's end of a front end's connection: a plain socket read by the
     event loop, and written by the loop or by any other thread (a runner thread
     sending answers the moment their batch has run, `write`).
@@ -110,7 +124,7 @@ class SocketLink:
         self._fd = sock.fileno()
         self._reader = FrameReader()
         self._inbox = bytearray(_READ_SIZE)
-        self._out: list[Any] = []  # this loop pass's frames (loop thread only)
+        self._out = []
         self._lock = threading.Lock()
         self._backlog: list[Any] = []  # written, not yet taken by the socket (under the lock)
         self.closed = False
@@ -121,15 +135,6 @@ class SocketLink:
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The connection closed (by the peer, an error, or `close`); called once."""
-
-    def send(self, frame: list[Any], now: bool = False) -> None:
-        """On the loop: queue a frame for the end of this loop pass, or, with `now`,
-        write it and everything queued before it at once."""
-        if not self._out and not now:
-            self.loop.call_soon(self._flush)
-        self._out.extend(frame)
-        if now:
-            self._flush()
 
     def write(self, parts: list[Any]) -> None:
         """From any thread: write whole frames, after everything written before."""
@@ -148,10 +153,8 @@ class SocketLink:
         """On the loop: drop the connection (and whatever it had yet to write)."""
         self._lose(None)
 
-    def _flush(self) -> None:
-        out, self._out = self._out, []
-        if out:
-            self.write(out)
+    def _write_out(self, parts: list[Any]) -> None:
+        self.write(parts)
 
     def _readable(self) -> None:
         try:
