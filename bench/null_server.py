@@ -54,7 +54,7 @@ class NullInference(pb_grpc.InferenceServicer):
             yield pb.RunStreamResponse(request_id=request.request_id, response=self._answer(request))
 
 
-async def serve(port: int, output_width: int) -> None:
+async def serve(port: int, servicer: pb_grpc.InferenceServicer) -> None:
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
@@ -62,7 +62,7 @@ async def serve(port: int, output_width: int) -> None:
         ],
     )
     registrar: Any = Registrar(server, CallPolicy(GrpcMetrics(CollectorRegistry()), None, CallsInFlight()))
-    pb_grpc.add_InferenceServicer_to_server(NullInference(output_width), registrar)  # type: ignore[no-untyped-call]
+    pb_grpc.add_InferenceServicer_to_server(servicer, registrar)  # type: ignore[no-untyped-call]
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     defaults = ServerConfig()
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--output-width", type=int, required=True)
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.output_width))
+    asyncio.run(serve(args.port, NullInference(args.output_width)))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+from typing import Any
+
+import torch
 
 from bench.run import Sample, write_report
 
@@ -54,3 +57,18 @@ time for request:      707us      4.91ms       881us       147us    91.07%
     assert (result.requests_per_s, result.succeeded, result.failed) == (2230.98, 19990, 10)
     assert abs(result.mean_ms - 0.881) < 1e-9
     assert grpc_frame(b"abc") == b"\x00\x00\x00\x00\x03abc"
+
+
+def test_floor_frames_and_model_answers(packages: Any, eager_demo: torch.nn.Module) -> None:
+    """bench.floor's floors answer as the model does, whatever the socket cuts."""
+    from bench.floor import HEAD, Frames, load, run_model
+
+    frames = Frames()
+    stream = b"".join(HEAD.pack(i, len(p)) + p for i, p in ((1, b"abcd"), (2, b""), (3, b"\0" * 9)))
+    got = [f for cut in range(0, len(stream), 5) for f in frames.feed(stream[cut : cut + 5])]
+    assert got == [(1, b"abcd"), (2, b""), (3, b"\0" * 9)]
+
+    row = torch.randn(1, 16)
+    answer = run_model(load(str(packages.demo)), row.numpy().tobytes())
+    expected = eager_demo(row)
+    torch.testing.assert_close(torch.frombuffer(bytearray(answer), dtype=torch.float32).view(1, -1), expected)
