@@ -6,6 +6,7 @@ exists. Names are torch's (`float32`), the schema's and the CLI's.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,7 +123,7 @@ def join_raw(parts: Sequence[RawTensor]) -> RawTensor:
 
 def rows_as_raw(tensor: torch.Tensor, rows: Sequence[int]) -> list[AnyTensor]:
     """`tensor` cut on dim 0 into parts of `rows` rows (summing to its first dim), as
-    RawTensors over one view of its bytes: answers that event loops only copy out.
+    RawTensors over one copy of its bytes: answers that event loops only copy out.
 
     A tensor whose bytes cannot be read here (not on the host, needing grad, or of a
     dtype the wire lacks) is cut as torch tensors, for the encoder to move or refuse.
@@ -130,8 +131,12 @@ def rows_as_raw(tensor: torch.Tensor, rows: Sequence[int]) -> list[AnyTensor]:
     element = BY_TORCH.get(tensor.dtype)
     if element is None or tensor.requires_grad or not tensor.is_cpu:
         return list(torch.split(tensor, list(rows))) if tensor.dim() else [tensor]
-    array = (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
-    data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    # One copy of the bytes, made by ctypes: on a runner thread after an idle moment,
+    # numpy's view of a tensor took 32-40 µs and this 12-14 µs (measured, 2 CPUs).
+    size = tensor.nbytes
+    data = memoryview(ctypes.string_at(tensor.data_ptr(), size) if size else b"")
     if not tensor.dim():  # a lone request's scalar output
         return [RawTensor(tensor.dtype, (), data)]
     tail = tuple(tensor.shape[1:])
