@@ -21,11 +21,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from pt2serve.loader.dtypes import AnyTensor
-from pt2serve.loader.errors import ExecutionFailed, Expired, InvalidInput, Overloaded, Unavailable
+from pt2serve.loader.errors import ExecutionFailed, Expired, Overloaded, Unavailable
 from pt2serve.scheduler.adaptive import AdaptiveWait, Contention
+from pt2serve.scheduler.alone import RunsAlone
 from pt2serve.scheduler.batches import (
     AnswerSink,
     PendingRequest,
@@ -35,6 +36,7 @@ from pt2serve.scheduler.batches import (
     SchedulerStats,
     State,
     answer_early,
+    check_request,
     reassemble,
     resolve,
     run_batch,
@@ -46,11 +48,10 @@ from pt2serve.scheduler.telemetry import NoTelemetry, Telemetry
 from pt2serve.scheduler.workers import WorkerPool
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 __all__ = ["BatchingConfig", "ModelScheduler", "Runner", "RunnerSlot", "RunResult", "SchedulerStats"]
 
 
-class ModelScheduler:
+class ModelScheduler(RunsAlone):
     """Batches one model's requests across its runner slots."""
 
     def __init__(
@@ -107,6 +108,8 @@ class ModelScheduler:
         self._capacity = sum(s.capacity for s in self._slots)
         self._workers = WorkerPool(self._capacity, f"pt2serve-{name}")
         self._claims = threading.Lock()  # runner thread answering vs. loop expiring
+        # Held by `run_alone` and by `exclusive`'s function: never both at once.
+        self._alone = threading.Lock()
         self._loop: asyncio.AbstractEventLoop  # set by start()
 
     # ------------------------------------------------------------ lifecycle
@@ -125,6 +128,7 @@ class ModelScheduler:
             pass
         self._queue.fail_all(Unavailable(f"model {self.name!r} is shutting down"))
         await self._idle.wait()  # running batches resolve their own requests
+        await self._wait_alone()
         if self._timer is not None:
             self._timer.cancel()
         self._workers.close()
@@ -164,21 +168,10 @@ class ModelScheduler:
         """
         if self._closing:
             raise Unavailable(f"model {self.name!r} is shutting down")
-        if not 0 <= priority < self.config.priority_levels:
-            raise InvalidInput(
-                f"priority {priority} out of range: model {self.name!r} has "
-                f"{self.config.priority_levels} levels (0 is highest)"
-            )
         now = self._clock()
-        timeout = timeout_s if timeout_s is not None else self.config.default_timeout_s
-        if timeout is not None:
-            deadline = now + timeout if deadline is None else min(deadline, now + timeout)
-        rows = inputs[0].shape[0] if self.batched else 1
-        if rows > self.config.row_limit:
-            raise InvalidInput(
-                f"too many rows: {rows}, model {self.name!r} takes at most "
-                f"{self.config.row_limit} per request"
-            )
+        rows, deadline = check_request(
+            self.config, self.name, self.batched, inputs, priority, timeout_s, deadline, now
+        )
         if rows > self.config.max_batch_size:
             step = self.config.max_batch_size
             if self._queue.size + -(-rows // step) > self.config.max_queue_size:
@@ -306,16 +299,20 @@ class ModelScheduler:
             return results
 
         def done(results: list[list[AnyTensor]] | None, error: BaseException | None) -> None:
-            rows = sum(r.rows for r in batch)
-            self.stats.record(rows, len(batch), sum(waits), compute[0])
-            slot.batches += 1
-            self._telemetry.batch_finished(self.name, slot.label, rows, waits, compute[0], error is None)
-            if self.adaptive is not None and error is None:
-                # The batch's whole turn, hand-offs to and from the worker included.
-                self.adaptive.ran(rows, self._clock() - now)
+            # The batch's whole turn, hand-offs to and from the worker included.
+            self._record(slot, sum(r.rows for r in batch), waits, compute[0], self._clock() - now, error)
             self._finish(slot, batch, version, results, error)
 
         self._workers.submit(job, done)
+
+    def _record(
+        self, slot: RunnerSlot, rows: int, waits: list[float], compute: float, turn: float, error: object
+    ) -> None:
+        self.stats.record(rows, len(waits), sum(waits), compute)
+        slot.batches += 1
+        self._telemetry.batch_finished(self.name, slot.label, rows, waits, compute, error is None)
+        if self.adaptive is not None and error is None:
+            self.adaptive.ran(rows, turn)
 
     def _finish(
         self,
@@ -374,25 +371,6 @@ class ModelScheduler:
         """In a worker thread: the batch's outputs, one list per request."""
         rows = [r.rows for r in batch]
         return run_batch(runner, [r.inputs for r in batch], rows, batched=self.batched, pad_to=self.pad_to)
-
-    # ------------------------------------------------------------- exclusive
-    async def exclusive(self, fn: Callable[[], T], *, bump_version: bool) -> T:
-        """Run `fn` in a worker thread while no batch runs (for constant updates).
-
-        Dispatch pauses, running batches finish on the old constants, `fn` runs,
-        then dispatch resumes: no batch ever sees a half-applied update.
-        """
-        async with self._exclusive_lock:
-            self._paused += 1
-            try:
-                await self._idle.wait()
-                result = await self._workers.call(fn)
-                if bump_version:
-                    self.constants_version += 1
-                return result
-            finally:
-                self._paused -= 1
-                self._dispatch()
 
     def _log_crash(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:

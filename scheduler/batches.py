@@ -17,7 +17,8 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from pt2serve.loader.dtypes import AnyTensor, RawTensor, as_raw, join_raw, join_rows, rows_as_raw
-from pt2serve.loader.errors import ExecutionFailed
+from pt2serve.loader.errors import ExecutionFailed, InvalidInput
+from pt2serve.scheduler.config import BatchingConfig
 
 log = logging.getLogger(__name__)
 J = TypeVar("J", torch.Tensor, RawTensor)
@@ -128,6 +129,35 @@ def resolve(req: PendingRequest, result: RunResult | BaseException) -> None:
         req.future.set_exception(result)
     else:
         req.future.set_result(result)
+
+
+def check_request(
+    config: BatchingConfig,
+    model: str,
+    batched: bool,
+    inputs: Sequence[AnyTensor],
+    priority: int,
+    timeout_s: float | None,
+    deadline: float | None,
+    now: float,
+) -> tuple[int, float | None]:
+    """A request's rows and its deadline (`deadline`, shortened by `timeout_s` or the
+    model's default timeout); InvalidInput for a priority or row count the model
+    does not take."""
+    if not 0 <= priority < config.priority_levels:
+        raise InvalidInput(
+            f"priority {priority} out of range: model {model!r} has "
+            f"{config.priority_levels} levels (0 is highest)"
+        )
+    timeout = timeout_s if timeout_s is not None else config.default_timeout_s
+    if timeout is not None:
+        deadline = now + timeout if deadline is None else min(deadline, now + timeout)
+    rows = inputs[0].shape[0] if batched else 1
+    if rows > config.row_limit:
+        raise InvalidInput(
+            f"too many rows: {rows}, model {model!r} takes at most {config.row_limit} per request"
+        )
+    return rows, deadline
 
 
 def run_batch(

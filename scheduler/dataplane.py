@@ -174,7 +174,12 @@ class DataPlane:
 
             def done(future: asyncio.Future[RunResult]) -> None:
                 try:
-                    self._count(model, started, future)
+                    elapsed = time.monotonic() - started
+                    if future.cancelled():
+                        self.answered += 1
+                        self._registry.telemetry.request_cancelled(model, elapsed)
+                    else:
+                        self._count(model, elapsed, future.exception())
                 finally:
                     if on_done is not None and not future.cancelled():
                         on_done(ticket.outcome())
@@ -194,14 +199,15 @@ class DataPlane:
         self.accepted += 1
         return ticket
 
-    def _count(self, name: str, started: float, future: asyncio.Future[RunResult]) -> None:
-        elapsed = time.monotonic() - started
+    def ran_alone(self, model: str, elapsed: float, error: BaseException | None) -> None:
+        """Count a request that was run the moment it arrived, outside the queue
+        (the engine's intake: ModelScheduler.run_alone), and answered `error` or not."""
+        self.accepted += 1
+        self._count(model, elapsed, error)
+
+    def _count(self, name: str, elapsed: float, error: BaseException | None) -> None:
         telemetry = self._registry.telemetry
         self.answered += 1
-        if future.cancelled():
-            telemetry.request_cancelled(name, elapsed)
-            return
-        error = future.exception()
         if error is None:
             self.succeeded += 1
         model = self._registry.find(name)

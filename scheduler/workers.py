@@ -77,9 +77,7 @@ class WorkerPool:
                 thread.join()
 
     def _work(self) -> None:
-        _name_native_thread(threading.current_thread().name)
-        if _intra_op_threads is not None:
-            torch.set_num_threads(_intra_op_threads)
+        prepare_thread(threading.current_thread().name)
         while (job := self._jobs.get()) is not None:
             fn, done = job
             result: Any = None
@@ -93,6 +91,14 @@ class WorkerPool:
                 self._loop.call_soon_threadsafe(done, result, error)
             except RuntimeError:
                 log.error("event loop closed before a worker result was delivered", exc_info=error)
+
+
+def prepare_thread(name: str) -> None:
+    """Make the calling thread one that runs models: its OS name, and the intra-op
+    threads its model calls may use (set_intra_op_threads)."""
+    _name_native_thread(name)
+    if _intra_op_threads is not None:
+        torch.set_num_threads(_intra_op_threads)
 
 
 def _name_native_thread(name: str) -> None:

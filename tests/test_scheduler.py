@@ -656,3 +656,74 @@ def test_batching_timers_work_on_uvloop() -> None:
 
     batches = uvloop.run(main())
     assert sorted(i for batch in batches for i in batch) == [0, 1, 2, 7]
+
+
+async def test_run_alone_runs_only_what_the_queue_would_start_at_once() -> None:
+    runner = FakeRunner()
+    scheduler = make(runner, priority_levels=2)
+    options: dict[str, object] = {"priority": 0, "timeout_s": None, "deadline": None}
+    ran = await asyncio.to_thread(scheduler.run_alone, request(3), **options)  # type: ignore[arg-type]
+    assert ran is not None
+    outputs, version, compute = ran
+    assert [torch.equal(a, b) for a, b in zip(host(outputs), expected(request(3)), strict=True)] == [
+        True,
+        True,
+    ]
+    assert version == 0 and compute > 0
+    scheduler.ran_alone(1, compute, None)
+    assert (scheduler.stats.batches, scheduler.stats.requests) == (1, 1)
+    # What `enqueue` would refuse or hold is left to it.
+    refused = [
+        (request(4), {**options, "priority": 2}),  # no such priority
+        (request(4, rows=9), options),  # more rows than a batch
+        (request(4), {**options, "deadline": scheduler._clock() - 1}),  # expired
+        (request(4), {**options, "timeout_s": 0.0}),
+    ]
+    for inputs, these in refused:
+        assert await asyncio.to_thread(scheduler.run_alone, inputs, **these) is None  # type: ignore[arg-type]
+    # Nor while a batch runs.
+    runner.gate.clear()
+    running = enqueue(scheduler, request(5))
+    await asyncio.to_thread(runner.wait_entered, 2)
+    assert await asyncio.to_thread(scheduler.run_alone, request(6), **options) is None  # type: ignore[arg-type]
+    runner.gate.set()
+    await running
+    assert runner.batches == [[3], [5]]
+    await scheduler.close()
+
+
+async def test_run_alone_waits_for_no_update_and_updates_wait_for_it() -> None:
+    runner = FakeRunner(hold=True)
+    scheduler = make(runner)
+    options: dict[str, object] = {"priority": 0, "timeout_s": None, "deadline": None}
+    alone = asyncio.ensure_future(asyncio.to_thread(scheduler.run_alone, request(1), **options))  # type: ignore[arg-type]
+    await asyncio.to_thread(runner.wait_entered, 1)
+    seen: list[int] = []
+
+    def update() -> str:
+        seen.append(runner.running)
+        return "done"
+
+    updating = asyncio.ensure_future(scheduler.exclusive(update, bump_version=True))
+    await settle()
+    # A second run alone does not start beside the first, nor while an update waits.
+    assert await asyncio.to_thread(scheduler.run_alone, request(2), **options) is None  # type: ignore[arg-type]
+    assert not updating.done() and seen == []
+    runner.gate.set()
+    ran = await alone
+    assert ran is not None and ran[1] == 0  # ran on the constants it started with
+    assert await updating == "done" and seen == [0]
+    ran = await asyncio.to_thread(scheduler.run_alone, request(3), **options)  # type: ignore[arg-type]
+    assert ran is not None and ran[1] == 1
+    # Closing waits for a run alone, and none starts once it has begun.
+    runner.gate.clear()
+    alone = asyncio.ensure_future(asyncio.to_thread(scheduler.run_alone, request(4), **options))  # type: ignore[arg-type]
+    await asyncio.to_thread(runner.wait_entered, 3)
+    closing = asyncio.ensure_future(scheduler.close())
+    # (A check that something does not happen: it gets half a second to.)
+    await asyncio.wait([closing], timeout=0.5)
+    assert not closing.done()
+    runner.gate.set()
+    await closing
+    assert (await alone) is not None
+    assert await asyncio.to_thread(scheduler.run_alone, request(5), **options) is None  # type: ignore[arg-type]
