@@ -71,6 +71,10 @@ class ServerConfig:
     # threads. None: `default_intra_op_threads()`, the CPUs the serving processes'
     # event loops leave free, unless $OMP_NUM_THREADS is set.
     intra_op_threads: int | None = None
+    # With front ends: while the engine has nothing in flight, a thread reads their
+    # connections and runs a lone request at once (service/intake.py), instead of
+    # the event loop queueing it for a runner thread. false: the loop always reads.
+    engine_intake: bool = True
     models: tuple[ModelConfig, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -212,6 +216,7 @@ SERVER_KEYS: dict[str, tuple[str, Reader]] = {
     "event_loop": ("event_loop", _as(str)),
     "frontends": ("frontends", lambda value, base: frontends_value(value)),
     "intra_op_threads": ("intra_op_threads", lambda value, base: intra_op_threads_value(value)),
+    "engine_intake": ("engine_intake", _as(bool)),
 }
 MODEL_KEYS: dict[str, tuple[str, Reader]] = {
     "name": ("name", _as(str)),

@@ -26,6 +26,7 @@ import asyncio
 import logging
 import pathlib
 import socket
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,10 +35,12 @@ from prometheus_client.registry import Collector
 
 from pt2serve.loader.dtypes import AnyTensor
 from pt2serve.loader.errors import ExecutionFailed, Pt2ServeError
+from pt2serve.scheduler.batcher import ModelScheduler
 from pt2serve.scheduler.batches import RunResult
-from pt2serve.scheduler.dataplane import InferenceOptions, InferenceResult, Ticket
+from pt2serve.scheduler.dataplane import InferenceOptions, InferenceResult, Ticket, accept
 from pt2serve.service import ipc, links
 from pt2serve.service.config import ServerConfig
+from pt2serve.service.intake import Intake
 from pt2serve.service.metrics import MergedCollector
 from pt2serve.service.server import Pt2Server
 
@@ -60,6 +63,9 @@ class Engine:
         self.server = Pt2Server(config, CollectorRegistry(), listen=grpc_address(run_dir))
         self.links: set[_Link] = set()
         self._listener: socket.socket | None = None
+        self._direct = config.engine_intake
+        self.intake: Intake | None = None
+        self._loop: asyncio.AbstractEventLoop  # set by start()
 
     def served_registry(self, front_ends_dir: str | None) -> CollectorRegistry:
         """/metrics for every process: the engine's metrics (in memory, with the live
@@ -93,8 +99,20 @@ class Engine:
         self.server.manager.on_change(changed)
         await self.server.start()
         self.broadcast()
+        if self._direct:
+            self._loop = asyncio.get_running_loop()
+            self.intake = Intake(self._loop, lambda: self.links, self._run_now, self._idle)
+            self.intake.start()
 
     async def stop(self) -> None:
+        if self.intake is not None:
+            await self.intake.stop()  # the loop reads from here on
+            log.info(
+                "intake: ran %d requests itself; gave the connections back %d times",
+                self.intake.ran,
+                self.intake.handed_back,
+            )
+            self.intake = None
         self.server.ready = False
         self.broadcast()
         await self.server.stop()
@@ -115,7 +133,84 @@ class Engine:
             except OSError as exc:  # out of descriptors, say: the front end retries
                 log.error("could not accept a front end's connection: %s", exc)
                 return
-            _Link(self, sock)
+            link = _Link(self, sock)
+            if self.intake is not None:
+                self.intake.add(link)
+                self.intake.offer()
+
+    def offer(self) -> None:
+        """The connections go to the intake thread if nothing is in flight."""
+        if self.intake is not None:
+            self.intake.offer()
+
+    def _idle(self) -> bool:
+        return not any(link.tickets for link in self.links)
+
+    def _run_now(self, link: links.SocketLink, frame: bytearray) -> bool:
+        """On the intake thread: run a request frame at once and answer it, if its
+        model is idle (ModelScheduler.run_alone); False if nothing ran (and nothing
+        was sent): the loop queues it as usual, and answers any error."""
+        if frame[:1] != ipc.REQUEST:
+            return False
+        started = time.monotonic()
+        request = ipc.unpack_request(frame)
+        model = self.server.manager.registry.find(request.model)
+        if model is None:
+            return False
+        options = InferenceOptions(
+            request.priority, request.timeout_s, request.deadline, request.output_names
+        )
+        try:
+            inputs = accept(model.schema, request.model, request.inputs, options, model.batching.row_limit)
+        except Pt2ServeError:
+            return False
+        scheduler = model.scheduler
+        run_error: BaseException | None = None
+        try:
+            ran = scheduler.run_alone(
+                inputs, priority=request.priority, timeout_s=request.timeout_s, deadline=request.deadline
+            )
+        except Exception as exc:
+            log.warning("model %r: run failed: %s", request.model, exc)
+            run_error = ExecutionFailed(f"model {request.model!r}: run failed: {exc}")
+            ran = None
+        if ran is None and run_error is None:
+            return False
+        error = run_error
+        if ran is not None:
+            outputs, version, compute = ran
+            ticket = Ticket(request.model, model.schema.output_names, request.output_names)
+            named = ticket.named(RunResult(outputs, version))
+            if isinstance(named, InferenceResult):
+                try:
+                    link.write(ipc.pack_result(request.request_id, version, named.outputs))
+                except Pt2ServeError as exc:  # an output of a dtype the wire does not carry
+                    error = ExecutionFailed(f"model answered, but {exc}")
+            else:
+                error = named
+        if error is not None:
+            assert isinstance(error, Pt2ServeError)
+            link.write(ipc.pack_error(request.request_id, error))
+        rows = inputs[0].shape[0] if scheduler.batched else 1
+        compute = 0.0 if ran is None else ran[2]
+        elapsed = time.monotonic() - started
+        self._loop.call_soon_threadsafe(
+            self._ran_now, scheduler, request.model, rows, compute, elapsed, run_error, error
+        )
+        return True
+
+    def _ran_now(
+        self,
+        scheduler: ModelScheduler,
+        model: str,
+        rows: int,
+        compute: float,
+        elapsed: float,
+        run_error: BaseException | None,
+        error: BaseException | None,
+    ) -> None:
+        scheduler.ran_alone(rows, compute, run_error)
+        self.server.manager.data.ran_alone(model, elapsed, error)
 
     def state(self) -> ipc.EngineState:
         models = {m.name: ipc.ModelView(m.schema, m.batching.row_limit) for m in self.server.manager.models()}
@@ -138,7 +233,7 @@ class _Link(links.SocketLink):
         self._engine = engine
         self._data = engine.server.manager.data
         self._contention = engine.server.manager.registry.contention
-        self._tickets: dict[int, Ticket] = {}
+        self.tickets: dict[int, Ticket] = {}
         # Answers a runner thread has put and not yet flushed.
         self._early: list[Any] = []
         engine.links.add(self)
@@ -148,18 +243,21 @@ class _Link(links.SocketLink):
         # The front end is gone: withdraw what it was waiting for.
         self._engine.links.discard(self)
         self._contention.report(self, False)
-        tickets, self._tickets = self._tickets, {}
+        tickets, self.tickets = self.tickets, {}
         for ticket in tickets.values():
             ticket.cancel()
+        self.loop.call_soon(self._engine.offer)
 
     def received(self, frame: bytearray) -> None:
         kind = frame[:1]
         if kind == ipc.REQUEST:
             self._request(ipc.unpack_request(frame))
         elif kind == ipc.CANCEL:
-            ticket = self._tickets.pop(ipc.unpack_id(frame), None)
+            ticket = self.tickets.pop(ipc.unpack_id(frame), None)
             if ticket is not None:
                 ticket.cancel()
+                if not self.tickets:
+                    self.loop.call_soon(self._engine.offer)
         elif kind == ipc.STARVED:
             self._contention.report(self, ipc.unpack_starved(frame))
         else:
@@ -179,14 +277,16 @@ class _Link(links.SocketLink):
             return request.inputs, options
 
         def done(outcome: InferenceResult | BaseException) -> None:
-            self._tickets.pop(request_id, None)
+            self.tickets.pop(request_id, None)
             self._answer(request_id, outcome)
+            if not self.tickets:
+                self.loop.call_soon(self._engine.offer)  # once the batch has let go of its runner
 
         try:
             # The front end validated the inputs against the same schema; the data
             # plane checks them again (a few comparisons), in case the model was
             # replaced while the request was on its way.
-            self._tickets[request_id] = self._data.submit(request.model, decode, done, self, request_id)
+            self.tickets[request_id] = self._data.submit(request.model, decode, done, self, request_id)
         except Pt2ServeError as exc:
             self.send(ipc.pack_error(request_id, exc))
         except Exception as exc:

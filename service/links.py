@@ -117,7 +117,7 @@ class SocketLink(_OnePass):
     later writes queue behind it.
     """
 
-    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop, *, reading: bool = True) -> None:
         sock.setblocking(False)
         self.loop = loop
         self._sock = sock
@@ -128,7 +128,35 @@ class SocketLink(_OnePass):
         self._lock = threading.Lock()
         self._backlog: list[Any] = []  # written, not yet taken by the socket (under the lock)
         self.closed = False
-        loop.add_reader(self._fd, self._readable)
+        if reading:
+            loop.add_reader(self._fd, self._readable)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def pause_reading(self) -> None:
+        """On the loop: stop reading, so that another thread may (`pull`)."""
+        if not self.closed:
+            self.loop.remove_reader(self._fd)
+
+    def resume_reading(self) -> None:
+        """On the loop: read again, once no other thread does."""
+        if not self.closed:
+            self.loop.add_reader(self._fd, self._readable)
+
+    def pull(self) -> list[bytearray] | None:
+        """On the one thread that reads while the loop does not: the whole frames that
+        have arrived (none yet: empty); None at the end of the stream or on an error,
+        which the loop then finds for itself once it reads again."""
+        try:
+            size = self._sock.recv_into(self._inbox)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError:
+            return None
+        if not size:
+            return None
+        return list(self._reader.feed(memoryview(self._inbox)[:size]))
 
     def received(self, frame: bytearray) -> None:
         raise NotImplementedError
@@ -155,6 +183,11 @@ class SocketLink(_OnePass):
 
     def _write_out(self, parts: list[Any]) -> None:
         self.write(parts)
+
+    def read_now(self) -> None:
+        """On the loop: read what has arrived, as when the socket is readable."""
+        if not self.closed:
+            self._readable()
 
     def _readable(self) -> None:
         try:
