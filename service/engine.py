@@ -6,11 +6,12 @@ It listens on two Unix sockets in the run directory the supervisor made (mode 07
 - `engine.sock`, the data path: front ends send validated requests as frames
   (service/ipc.py); the engine queues them on the same data plane as the single-
   process server and writes each answer back on the connection it came from. A
-  connection's frames are read in one pass per wakeup. A batch of a few requests
-  that finishes with nothing queued is answered by its runner thread, the moment it
-  has run (no wait for the event loop to wake); the answers of a bigger batch or of
-  a busy queue, and errors, leave from the loop, those of one loop pass in one
-  write.
+  connection's frames are read in one pass per wakeup. While nothing is in flight,
+  the intake thread reads instead of the event loop and runs a lone request itself
+  (service/intake.py, `engine_intake`). A batch of a few requests that finishes with
+  nothing queued is answered by its runner thread, the moment it has run (no wait
+  for the event loop to wake); the answers of a bigger batch or of a busy queue, and
+  errors, leave from the loop, those of one loop pass in one write.
 - `engine-grpc.sock`, every other RPC: a Pt2Server without TLS, token or call
   metrics (the front end checked and counted the call), which front ends forward
   to unchanged.
