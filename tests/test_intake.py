@@ -21,6 +21,7 @@ from pt2serve.scheduler.config import BatchingConfig, ModelConfig
 from pt2serve.service import ipc, links
 from pt2serve.service.config import ServerConfig
 from pt2serve.service.engine import Engine, data_socket
+from pt2serve.service.intake import Intake
 from tests.conftest import Packages, until
 
 
@@ -67,6 +68,14 @@ class Served:
         assert state[:1] == ipc.STATE
         return client
 
+    async def connect_to_intake(self) -> tuple[Client, Intake]:
+        """A connection, once the intake reads it."""
+        client = await self.connect()
+        intake = self.engine.intake
+        assert intake is not None
+        await until(lambda: _true(intake.reading), "the intake reads")
+        return client, intake
+
 
 async def serve(packages: Packages, *, intake: bool) -> AsyncIterator[Served]:
     run_dir = pathlib.Path(tempfile.mkdtemp(prefix="pt2i"))  # short: Unix socket paths
@@ -98,10 +107,7 @@ def counted(served: Served) -> tuple[int, int]:
 async def test_lone_requests_run_on_the_intake_thread_and_equal_eager(
     served: Served, eager_demo: torch.nn.Module
 ) -> None:
-    client = await served.connect()
-    intake = served.engine.intake
-    assert intake is not None
-    await until(lambda: _true(intake.reading), "the intake reads")
+    client, intake = await served.connect_to_intake()
     for i in range(20):
         x = torch.randn(1 + i % 3, 16)
         torch.testing.assert_close(await client.ask(i, x), eager_demo(x))
@@ -117,10 +123,7 @@ async def test_lone_requests_run_on_the_intake_thread_and_equal_eager(
 async def test_requests_read_together_go_to_the_loop_to_batch(
     served: Served, eager_demo: torch.nn.Module
 ) -> None:
-    client = await served.connect()
-    intake = served.engine.intake
-    assert intake is not None
-    await until(lambda: _true(intake.reading), "the intake reads")
+    client, intake = await served.connect_to_intake()
     xs = [torch.randn(1, 16) for _ in range(16)]
     # One write of 16 frames: read at once, they are the loop's to batch.
     client.send([part for i, x in enumerate(xs) for part in client.request(i, x)], now=True)
@@ -131,18 +134,13 @@ async def test_requests_read_together_go_to_the_loop_to_batch(
     stats = served.engine.server.manager.registry.get("demo").scheduler.stats
     assert stats.requests == 16 and stats.batches < 16
     # Idle again: the intake reads, and runs the next lone request itself.
-    await until(lambda: _true(intake.reading), "the intake reads again")
-    x = torch.randn(1, 16)
-    torch.testing.assert_close(await client.ask(99, x), eager_demo(x))
-    await until(lambda: _true(intake.ran == 1), "the lone request run by the intake")
+    await runs_on_the_intake(client, intake, eager_demo, torch.randn(1, 16))
 
 
 async def test_what_the_intake_does_not_run_gets_the_loops_answer(
     served: Served, eager_demo: torch.nn.Module
 ) -> None:
-    client = await served.connect()
-    intake = served.engine.intake
-    assert intake is not None
+    client, intake = await served.connect_to_intake()
     cases = [
         ({"model": "nope"}, torch.randn(1, 16), ErrorKind.NOT_FOUND),
         ({}, torch.randn(1, 16, dtype=torch.float64), ErrorKind.INVALID_ARGUMENT),
@@ -159,10 +157,7 @@ async def test_what_the_intake_does_not_run_gets_the_loops_answer(
     # A cancel of a request that is not queued changes nothing.
     client.send(ipc.pack_cancel(12345), now=True)
     await until(lambda: _true(intake.handed_back == len(cases) + 1), "the cancel handed to the loop")
-    await until(lambda: _true(intake.reading), "the intake reads")
-    x = torch.randn(2, 16)
-    torch.testing.assert_close(await client.ask(50, x), eager_demo(x))
-    await until(lambda: _true(intake.ran == 1), "the lone request run by the intake")
+    await runs_on_the_intake(client, intake, eager_demo, torch.randn(2, 16))
 
 
 async def test_a_closed_connection_is_dropped_and_the_others_stay_with_the_intake(
@@ -192,6 +187,14 @@ async def test_without_the_intake_the_loop_answers(packages: Packages, eager_dem
             torch.testing.assert_close(await client.ask(i, x), eager_demo(x))
         data = loop_only.engine.server.manager.data
         await until(lambda: _true(data.answered == 5), "5 requests counted")  # noqa: B023
+
+
+async def runs_on_the_intake(client: Client, intake: Intake, eager: torch.nn.Module, x: torch.Tensor) -> None:
+    """Once the intake reads, a lone request is answered as eager, by the intake."""
+    await until(lambda: _true(intake.reading), "the intake reads")
+    ran = intake.ran
+    torch.testing.assert_close(await client.ask(1000 + ran, x), eager(x))
+    await until(lambda: _true(intake.ran == ran + 1), "the lone request run by the intake")
 
 
 async def _true(value: bool) -> bool:
