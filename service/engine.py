@@ -64,7 +64,7 @@ class Engine:
         self.server = Pt2Server(config, CollectorRegistry(), listen=grpc_address(run_dir))
         self.links: set[_Link] = set()
         self._listener: socket.socket | None = None
-        self._direct = config.engine_intake
+        self._intake_on = config.engine_intake
         self.intake: Intake | None = None
         self._loop: asyncio.AbstractEventLoop  # set by start()
 
@@ -100,7 +100,7 @@ class Engine:
         self.server.manager.on_change(changed)
         await self.server.start()
         self.broadcast()
-        if self._direct:
+        if self._intake_on:
             self._loop = asyncio.get_running_loop()
             self.intake = Intake(self._loop, lambda: self.links, self._run_now, self._idle)
             self.intake.start()
@@ -195,9 +195,12 @@ class Engine:
         rows = inputs[0].shape[0] if scheduler.batched else 1
         compute = 0.0 if ran is None else ran[2]
         elapsed = time.monotonic() - started
-        self._loop.call_soon_threadsafe(
-            self._ran_now, scheduler, request.model, rows, compute, elapsed, run_error, error
-        )
+        try:
+            self._loop.call_soon_threadsafe(
+                self._ran_now, scheduler, request.model, rows, compute, elapsed, run_error, error
+            )
+        except RuntimeError:  # the loop has closed (shutting down): answered, not counted
+            log.warning("request %d answered after the event loop closed", request.request_id)
         return True
 
     def _ran_now(
