@@ -117,7 +117,7 @@ class ServerConfig:
 
 def default_frontends(cpus: int | None = None) -> int:
     """Front ends for `frontends = "auto"`: one per CPU this process may use, at most 8;
-    one process (0) on a single CPU. Measured on 2 CPUs over fourteen runs (README,
+    one process (0) on a single CPU. Measured on 2 CPUs over fifteen runs (README,
     Processes; docs/performance.md), two front ends answered the overhead-bound demo
     model at 0.83-1.06x the null server, one front end at 0.70-1.00x and one process
     at 0.44-0.75x; a lone request took between 0.14 ms less and 0.21 ms more behind
