@@ -114,6 +114,19 @@ class Intake:
     # ------------------------------------------------------------- the thread
     def _work(self) -> None:
         prepare_thread(self._thread.name)
+        try:
+            self._serve()
+        except Exception:
+            # A bug here must not leave the connections unread: the loop takes them
+            # for good.
+            log.exception("the intake thread failed; the event loop reads from now on")
+            with self._lock:
+                self._stopping = True
+                reader = self._reader
+            if reader is _Reader.THREAD:
+                self._hand_back([])
+
+    def _serve(self) -> None:
         poller = select.poll()
         polled: list[SocketLink] = []
         while True:

@@ -199,3 +199,24 @@ async def runs_on_the_intake(client: Client, intake: Intake, eager: torch.nn.Mod
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_failing_intake_thread_leaves_the_connections_to_the_loop(
+    served: Served,
+    eager_demo: torch.nn.Module,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client, intake = await served.connect_to_intake()
+
+    def broken(self: links.SocketLink) -> list[bytearray] | None:
+        raise RuntimeError("a bug in the intake")
+
+    monkeypatch.setattr(links.SocketLink, "pull", broken)
+    x = torch.randn(1, 16)
+    torch.testing.assert_close(await client.ask(1, x), eager_demo(x))
+    assert "the intake thread failed" in caplog.text
+    assert not intake.reading and intake.ran == 0
+    for i in range(3):  # the loop keeps reading: the thread never takes them again
+        torch.testing.assert_close(await client.ask(2 + i, x), eager_demo(x))
+    assert not intake.reading
