@@ -175,23 +175,15 @@ class Engine:
             log.warning("model %r: run failed: %s", request.model, exc)
             run_error = ExecutionFailed(f"model {request.model!r}: run failed: {exc}")
             ran = None
-        if ran is None and run_error is None:
-            return False
-        error = run_error
-        if ran is not None:
-            outputs, version, compute = ran
+        if ran is None:
+            if run_error is None:
+                return False
+            outcome: InferenceResult | BaseException = run_error
+        else:
             ticket = Ticket(request.model, model.schema.output_names, request.output_names)
-            named = ticket.named(RunResult(outputs, version))
-            if isinstance(named, InferenceResult):
-                try:
-                    link.write(ipc.pack_result(request.request_id, version, named.outputs))
-                except Pt2ServeError as exc:  # an output of a dtype the wire does not carry
-                    error = ExecutionFailed(f"model answered, but {exc}")
-            else:
-                error = named
-        if error is not None:
-            assert isinstance(error, Pt2ServeError)
-            link.write(ipc.pack_error(request.request_id, error))
+            outcome = ticket.named(RunResult(ran[0], ran[1]))
+        frame_out, error = answer_frame(request.request_id, outcome)
+        link.write(frame_out)
         rows = inputs[0].shape[0] if scheduler.batched else 1
         compute = 0.0 if ran is None else ran[2]
         elapsed = time.monotonic() - started
@@ -318,15 +310,22 @@ class _Link(links.SocketLink):
         self.write([part for frame in frames for part in frame])
 
     def _answer(self, request_id: int, outcome: InferenceResult | BaseException) -> None:
-        if isinstance(outcome, InferenceResult):
-            if outcome.delivered:  # a runner thread sent it
-                return
-            try:
-                self.send(ipc.pack_result(request_id, outcome.constants_version, outcome.outputs))
-                return
-            except Pt2ServeError as exc:  # an output of a dtype the wire does not carry
-                outcome = ExecutionFailed(f"model answered, but {exc}")
-        if not isinstance(outcome, Pt2ServeError):
-            log.error("request failed: %r", outcome)
-            outcome = ExecutionFailed(f"internal error: {outcome}")
-        self.send(ipc.pack_error(request_id, outcome))
+        if isinstance(outcome, InferenceResult) and outcome.delivered:  # a runner thread sent it
+            return
+        self.send(answer_frame(request_id, outcome)[0])
+
+
+def answer_frame(
+    request_id: int, outcome: InferenceResult | BaseException
+) -> tuple[list[Any], Pt2ServeError | None]:
+    """The frame that answers a request with `outcome`, and the error it carries
+    (None: the outputs)."""
+    if isinstance(outcome, InferenceResult):
+        try:
+            return ipc.pack_result(request_id, outcome.constants_version, outcome.outputs), None
+        except Pt2ServeError as exc:  # an output of a dtype the wire does not carry
+            outcome = ExecutionFailed(f"model answered, but {exc}")
+    if not isinstance(outcome, Pt2ServeError):
+        log.error("request failed: %r", outcome)
+        outcome = ExecutionFailed(f"internal error: {outcome}")
+    return ipc.pack_error(request_id, outcome), outcome

@@ -148,15 +148,8 @@ class SocketLink(_OnePass):
         """On the one thread that reads while the loop does not: the whole frames that
         have arrived (none yet: empty); None at the end of the stream or on an error,
         which the loop then finds for itself once it reads again."""
-        try:
-            size = self._sock.recv_into(self._inbox)
-        except (BlockingIOError, InterruptedError):
-            return []
-        except OSError:
-            return None
-        if not size:
-            return None
-        return list(self._reader.feed(memoryview(self._inbox)[:size]))
+        got = self._take()
+        return None if isinstance(got, OSError) else got
 
     def received(self, frame: bytearray) -> None:
         raise NotImplementedError
@@ -190,20 +183,27 @@ class SocketLink(_OnePass):
             self._readable()
 
     def _readable(self) -> None:
-        try:
-            size = self._sock.recv_into(self._inbox)
-        except (BlockingIOError, InterruptedError):
+        got = self._take()
+        if got is None or isinstance(got, OSError):
+            self._lose(got)
             return
-        except OSError as exc:
-            self._lose(exc)
-            return
-        if not size:
-            self._lose(None)
-            return
-        for frame in self._reader.feed(memoryview(self._inbox)[:size]):
+        for frame in got:
             if self.closed:
                 return
             self.received(frame)
+
+    def _take(self) -> list[bytearray] | OSError | None:
+        """Read once: the whole frames that have arrived (none yet: empty); None at
+        the end of the stream; the error."""
+        try:
+            size = self._sock.recv_into(self._inbox)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError as exc:
+            return exc
+        if not size:
+            return None
+        return list(self._reader.feed(memoryview(self._inbox)[:size]))
 
     def _await_writable(self) -> None:
         with self._lock:
