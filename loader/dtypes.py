@@ -71,7 +71,7 @@ class TensorLike(Protocol):
     def shape(self) -> tuple[int, ...]: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made for every request, and frozen init costs µs
 class RawTensor:
     """A tensor as the wire carried it: dtype, shape and little-endian, row-major bytes
     whose length the decoder checked against the shape (the client's bytes, or a view
@@ -88,9 +88,12 @@ class RawTensor:
     data: bytes | memoryview
 
     def tensor(self) -> torch.Tensor:
-        """A torch tensor owning a copy of the bytes (writable: the runtime may write
-        into its inputs)."""
-        return tensor_view(bytearray(self.data), BY_TORCH[self.dtype], self.shape)
+        """A torch tensor over a copy of the bytes, or over the bytes themselves when
+        they are writable (a view into a frame the engine received, which nothing
+        else reads): the runtime may write into its inputs."""
+        data = self.data
+        buffer = data if isinstance(data, memoryview) and not data.readonly else bytearray(data)
+        return tensor_view(buffer, BY_TORCH[self.dtype], self.shape)
 
     def row_slice(self, start: int, stop: int) -> RawTensor:
         """Rows `start` to `stop` (dim 0), without a copy."""
@@ -156,7 +159,7 @@ def as_raw(tensor: torch.Tensor) -> AnyTensor:
 
 
 def tensor_view(
-    buffer: bytearray, element: ElementType, shape: Sequence[int], offset: int = 0
+    buffer: bytearray | memoryview, element: ElementType, shape: Sequence[int], offset: int = 0
 ) -> torch.Tensor:
     """A tensor over the little-endian, row-major bytes of `buffer` from `offset`,
     without a copy (it keeps `buffer` alive); bfloat16 from its int16 bits."""

@@ -194,6 +194,8 @@ class NativeContainer:
         )
         self.num_inputs = self._count("AOTInductorModelContainerGetNumInputs")
         self.num_outputs = self._count("AOTInductorModelContainerGetNumOutputs")
+        self._handles_in = ctypes.c_void_p * self.num_inputs
+        self._handles_out = ctypes.c_void_p * self.num_outputs
         self._closed = False
         self._lock = threading.Lock()
 
@@ -214,13 +216,12 @@ class NativeContainer:
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if len(inputs) != self.num_inputs:
             raise ExecutionFailed(f"expected {self.num_inputs} inputs, got {len(inputs)}")
-        handles = (ctypes.c_void_p * len(inputs))(*_to_handles(inputs))  # stolen by the runtime
-        outputs = (ctypes.c_void_p * self.num_outputs)()
-        self._check(
-            self._run(self._container, handles, len(inputs), outputs, self.num_outputs, None, None),
-            "run the model",
-        )
-        return _adopt([outputs[i] or 0 for i in range(self.num_outputs)])
+        handles = self._handles_in(*_to_handles(inputs))  # stolen by the runtime
+        outputs = self._handles_out()
+        code = self._run(self._container, handles, self.num_inputs, outputs, self.num_outputs, None, None)
+        if code:
+            self._check(code, "run the model")
+        return _adopt([handle or 0 for handle in outputs])
 
     def call_spec(self) -> tuple[str, str]:
         in_spec = ctypes.c_char_p()

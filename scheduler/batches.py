@@ -36,7 +36,7 @@ class Runner(Protocol):
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made for every request
 class RunResult:
     # Bytes (RawTensor) as a runner thread cut them from the batch's outputs.
     outputs: list[AnyTensor]

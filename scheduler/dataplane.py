@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -18,7 +18,7 @@ from pt2serve.scheduler.batches import AnswerSink, RunResult
 from pt2serve.scheduler.registry import ModelRegistry
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen (nor the result): made for every request
 class InferenceOptions:
     # 0 is the highest priority.
     priority: int = 0
@@ -33,7 +33,7 @@ class InferenceOptions:
 T = TypeVar("T", bound=TensorLike)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InferenceResult:
     outputs: dict[str, AnyTensor]
     constants_version: int
@@ -72,12 +72,13 @@ def accept(
     schema: ModelSchema,
     model: str,
     inputs: Mapping[str, T],
-    options: InferenceOptions,
+    output_names: Sequence[str],
     row_limit: int,
 ) -> list[T]:
-    """A request's inputs in call order, once they match the schema and its requested
-    outputs exist; InvalidInput naming the field otherwise."""
-    unknown = [n for n in options.output_names if n not in schema.output_names]
+    """A request's inputs in call order, once they match the schema and the outputs
+    it asks for (`output_names`, empty: all) exist; InvalidInput naming the field
+    otherwise."""
+    unknown = [n for n in output_names if n not in schema.output_names]
     if unknown:
         raise InvalidInput(
             f"unknown output {shown(unknown[0])}; model {shown(model)} has outputs: "
@@ -112,17 +113,21 @@ class Ticket:
     def named(self, result: RunResult) -> InferenceResult | ExecutionFailed:
         """The requested outputs of `result` by name (any thread: it reads only what
         the ticket was made with)."""
-        if len(result.outputs) != len(self._names):
-            return ExecutionFailed(
-                f"model {self._model!r} returned {len(result.outputs)} outputs, "
-                f"its schema names {len(self._names)}"
-            )
-        pairs = zip(self._names, result.outputs, strict=True)
-        if self._wanted:
-            outputs = {n: t for n, t in pairs if n in self._wanted}
-        else:
-            outputs = dict(pairs)
-        return InferenceResult(outputs, result.constants_version, result.delivered)
+        return named_outputs(self._model, self._names, self._wanted, result)
+
+
+def named_outputs(
+    model: str, names: Sequence[str], wanted: Collection[str], result: RunResult
+) -> InferenceResult | ExecutionFailed:
+    """The outputs of `result` that a request asked for (`wanted`, empty: all), by
+    their schema `names`."""
+    if len(result.outputs) != len(names):
+        return ExecutionFailed(
+            f"model {model!r} returned {len(result.outputs)} outputs, its schema names {len(names)}"
+        )
+    pairs = zip(names, result.outputs, strict=True)
+    outputs = {n: t for n, t in pairs if n in wanted} if wanted else dict(pairs)
+    return InferenceResult(outputs, result.constants_version, result.delivered)
 
 
 class DataPlane:
@@ -169,7 +174,7 @@ class DataPlane:
             loaded = self._registry.get(model)
             schema = loaded.schema
             # Inputs stay as received (RawTensor: bytes) until a runner joins the batch.
-            ordered = accept(schema, model, decoded, options, loaded.batching.row_limit)
+            ordered = accept(schema, model, decoded, options.output_names, loaded.batching.row_limit)
             ticket = Ticket(model, schema.output_names, options.output_names, key)
 
             def done(future: asyncio.Future[RunResult]) -> None:

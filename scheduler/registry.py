@@ -241,7 +241,7 @@ class _HostRunner:
     """A binding as the scheduler's runner: host tensors in and out."""
 
     def __init__(self, package: ModelPackage) -> None:
-        self.run = package.run_on_host
+        self.run = package.host_runner()
 
 
 async def _close_model(model: LoadedModel, grace_s: float) -> None:

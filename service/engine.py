@@ -38,7 +38,7 @@ from pt2serve.loader.dtypes import AnyTensor
 from pt2serve.loader.errors import ExecutionFailed, Pt2ServeError
 from pt2serve.scheduler.batcher import ModelScheduler
 from pt2serve.scheduler.batches import RunResult
-from pt2serve.scheduler.dataplane import InferenceOptions, InferenceResult, Ticket, accept
+from pt2serve.scheduler.dataplane import InferenceOptions, InferenceResult, Ticket, accept, named_outputs
 from pt2serve.service import ipc, links
 from pt2serve.service.config import ServerConfig
 from pt2serve.service.intake import Intake
@@ -158,11 +158,10 @@ class Engine:
         model = self.server.manager.registry.find(request.model)
         if model is None:
             return False
-        options = InferenceOptions(
-            request.priority, request.timeout_s, request.deadline, request.output_names
-        )
         try:
-            inputs = accept(model.schema, request.model, request.inputs, options, model.batching.row_limit)
+            inputs = accept(
+                model.schema, request.model, request.inputs, request.output_names, model.batching.row_limit
+            )
         except Pt2ServeError:
             return False
         scheduler = model.scheduler
@@ -180,8 +179,9 @@ class Engine:
                 return False
             outcome: InferenceResult | BaseException = run_error
         else:
-            ticket = Ticket(request.model, model.schema.output_names, request.output_names)
-            outcome = ticket.named(RunResult(ran[0], ran[1]))
+            outcome = named_outputs(
+                request.model, model.schema.output_names, request.output_names, RunResult(ran[0], ran[1])
+            )
         frame_out, error = answer_frame(request.request_id, outcome)
         link.write(frame_out)
         rows = inputs[0].shape[0] if scheduler.batched else 1

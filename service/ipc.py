@@ -103,19 +103,19 @@ def _str(text: str) -> bytes:
     return _STR.pack(len(raw)) + raw
 
 
-def _dims(ndim: int) -> struct.Struct:
-    """The struct of a tensor's head after its dtype code: ndim, dims, nbytes."""
-    packer = _DIMS.get(ndim)
+def _head_struct(ndim: int) -> struct.Struct:
+    """The struct of a tensor's head: dtype code, ndim, dims, nbytes."""
+    packer = _HEADS.get(ndim)
     if packer is None:
-        packer = _DIMS[ndim] = struct.Struct(f"<B{ndim}qQ")
+        packer = _HEADS[ndim] = struct.Struct(f"<BB{ndim}qQ")
     return packer
 
 
-_DIMS: dict[int, struct.Struct] = {}
+_HEADS: dict[int, struct.Struct] = {}
 
 
 def _tensor_head(code: int, shape: Sequence[int], nbytes: int) -> bytes:
-    return bytes((code,)) + _dims(len(shape)).pack(len(shape), *shape, nbytes)
+    return _head_struct(len(shape)).pack(code, len(shape), *shape, nbytes)
 
 
 def _tensor_parts(tensor: torch.Tensor, code: int, head: bytes, parts: list[Any]) -> int:
@@ -167,17 +167,12 @@ def _text_at(frame: bytearray, at: int) -> tuple[str, int]:
     return frame[start : start + size].decode(), start + size
 
 
-def _read_head(frame: bytearray, at: int) -> tuple[int, list[int], int, int]:
-    """The tensor head at `at`: dtype code, shape, byte count, where its bytes start."""
-    ndim = frame[at + 1]
-    *shape, nbytes = _dims(ndim).unpack_from(frame, at + 1)[1:]
-    return frame[at], shape, nbytes, at + 2 + 8 * ndim + 8
-
-
 def _tensor_at(frame: bytearray, at: int) -> tuple[RawTensor, int]:
     """The tensor at `at` as a RawTensor over `frame` (a view, which keeps it alive),
     and where the next field starts."""
-    code, shape, nbytes, start = _read_head(frame, at)
+    head = _head_struct(frame[at + 1])
+    code, _, *shape, nbytes = head.unpack_from(frame, at)
+    start = at + head.size
     end = start + nbytes
     return RawTensor(TYPES[code].torch, tuple(shape), memoryview(frame)[start:end]), end
 
@@ -216,7 +211,7 @@ def pack_request(
     return _framed_tensors(head, inputs, "inputs")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made for every request
 class Request:
     request_id: int
     model: str

@@ -15,7 +15,6 @@ import asyncio
 import socket
 import struct
 import threading
-from collections.abc import Iterator
 from typing import Any, cast
 
 LENGTH = struct.Struct("<I")
@@ -31,19 +30,22 @@ class FrameReader:
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes | memoryview) -> Iterator[bytearray]:
+    def feed(self, data: bytes | memoryview) -> list[bytearray]:
         buffer = self._buffer
         buffer += data
+        frames = []
         start = 0
         end = len(buffer)
         while end - start >= 4:
             (length,) = LENGTH.unpack_from(buffer, start)
-            if end - start - 4 < length:
+            stop = start + 4 + length
+            if stop > end:
                 break
-            yield buffer[start + 4 : start + 4 + length]
-            start += 4 + length
+            frames.append(buffer[start + 4 : stop])
+            start = stop
         if start:
             del buffer[:start]
+        return frames
 
 
 class _OnePass:
@@ -203,7 +205,7 @@ class SocketLink(_OnePass):
             return exc
         if not size:
             return None
-        return list(self._reader.feed(memoryview(self._inbox)[:size]))
+        return self._reader.feed(memoryview(self._inbox)[:size])
 
     def _await_writable(self) -> None:
         with self._lock:

@@ -110,8 +110,8 @@ class EnginePlane:
                 raise Unavailable("the engine process is not ready (starting or restarting); try again")
             inputs, options = decode()
             if view is not None:
-                ordered = accept(view.schema, model, inputs, options, view.row_limit)
-                inputs = dict(zip(view.schema.input_names, ordered, strict=True))
+                # (The engine takes the inputs by name: their order is not sent.)
+                accept(view.schema, model, inputs, options.output_names, view.row_limit)
             # A model this front end has not heard of yet (loaded a moment ago
             # through another front end) is the engine's to find or refuse.
             frame = ipc.pack_request(

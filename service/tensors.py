@@ -141,7 +141,16 @@ def raw_tensors_from_pb(
     msgs: Mapping[str, pb.Tensor], field: str, max_bytes: int | None = None
 ) -> dict[str, RawTensor]:
     """Checked, not yet torch tensors: a request's inputs on their way to the data plane."""
-    return {name: raw_tensor_from_pb(t, f"{field}[{shown(name)}]", max_bytes) for name, t in msgs.items()}
+    decoded = {}
+    for name, msg in msgs.items():
+        try:
+            decoded[name] = raw_tensor_from_pb(msg, field, max_bytes)
+        except InvalidInput:
+            # Checked again to name the tensor: its label is made only for an error
+            # (this runs for every request).
+            raw_tensor_from_pb(msg, f"{field}[{shown(name)}]", max_bytes)
+            raise
+    return decoded
 
 
 class ChunkAssembler:
