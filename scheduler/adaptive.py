@@ -20,7 +20,14 @@ When a runner is free and the queue holds fewer rows than a batch can, it waits
 - the fitted cost per row of the fuller batch is at least 10 % lower (`GAIN`):
   waiting buys throughput only when a batch's cost grows slower than its size
   (a fixed part per batch: kernel launches, thread hand-offs, Python).
-It waits just long enough for the rows it expects.
+It waits just long enough for the rows it expects, counted from the last arrival
+(once they are late it waits no more), and never for more requests than can still
+arrive: the most requests that were at the scheduler at once lately (queued or
+running; the larger of this window's and the last window's peak), less those there
+now. Clients that keep a fixed number of requests in flight (a closed loop) send no
+more than that: once all of theirs are queued, waiting longer only holds them
+(docs/performance.md, "Ninth round": 8 requests in flight, two front ends, 0.52× the
+null server's rate before these two bounds, 0.65× with them, 0.71× never waiting).
 
 Until batches of two different sizes have been measured it does not wait; sizes
 vary with load by themselves (the queue grows while a runner is busy).
@@ -50,6 +57,9 @@ ALPHA = 0.2
 # A shorter wait is not worth a timer (its wakeup costs about as much), and waits
 # that shrink towards zero near the bound must end.
 MIN_WAIT_S = 50e-6
+# The peak of requests present is kept per window of this length; the larger of the
+# current and the previous window's counts.
+PEAK_WINDOW_S = 1.0
 
 
 class Contention:
@@ -92,15 +102,31 @@ class AdaptiveWait:
         self._last_arrival: float | None = None
         # Share of arrivals that found other requests queued or running.
         self._overlap = 0.0
+        # Requests at the scheduler now (arrived and not yet left), and the most at
+        # once in this window and the one before it.
+        self.present = 0
+        self._peak = 0
+        self._peak_before = 0
+        self._window_ends = PEAK_WINDOW_S
 
     def arrived(self, now: float, busy: bool) -> None:
         """A request arrived at `now` (the scheduler's clock); `busy`: others were
-        queued or running then."""
+        queued or running then. It is present until `left`."""
         if self._last_arrival is not None:
             gap = max(now - self._last_arrival, 0.0)
             self._gap_s = gap if self._gap_s is None else self._gap_s + ALPHA * (gap - self._gap_s)
         self._last_arrival = now
         self._overlap += ALPHA * ((1.0 if busy else 0.0) - self._overlap)
+        self.present += 1
+        if now >= self._window_ends:
+            self._peak_before = self._peak if now < self._window_ends + PEAK_WINDOW_S else 0
+            self._peak = 0
+            self._window_ends = now + PEAK_WINDOW_S
+        self._peak = max(self._peak, self.present)
+
+    def left(self) -> None:
+        """A request that `arrived` left the scheduler (answered, failed, withdrawn)."""
+        self.present -= 1
 
     def ran(self, rows: int, seconds: float) -> None:
         """A batch of `rows` took `seconds` to compute."""
@@ -123,15 +149,17 @@ class AdaptiveWait:
             return 0.0
         return self._overlap / self._gap_s if self._gap_s > 0 else float("inf")
 
-    def hold(self, rows: int, age_s: float) -> float:
-        """Seconds to wait before dispatching `rows` waiting rows whose oldest request
-        has waited `age_s`; 0: dispatch now. Never more than the bound (`bound_s`, or
-        under contention the larger of it and `contended_bound_s`) less `age_s`, and
-        never less than MIN_WAIT_S."""
-        wait = self._hold(rows, age_s)
+    def hold(self, rows: int, age_s: float, now: float) -> float:
+        """Seconds to wait at `now` before dispatching `rows` waiting rows whose oldest
+        request has waited `age_s`; 0: dispatch now. Never more than the bound
+        (`bound_s`, or under contention the larger of it and `contended_bound_s`)
+        less `age_s`, and never less than MIN_WAIT_S. The rows it expects are due at
+        the pace of arrivals from the last one: once they are late, it waits no more
+        (a wait that ends with nothing new does not start again)."""
+        wait = self._hold(rows, age_s, now)
         return wait if wait >= MIN_WAIT_S else 0.0
 
-    def _hold(self, rows: int, age_s: float) -> float:
+    def _hold(self, rows: int, age_s: float, now: float) -> float:
         contended = self.contention.contended and self.contended_bound_s > 0
         bound = max(self.bound_s, self.contended_bound_s) if contended else self.bound_s
         window = bound - age_s
@@ -147,7 +175,8 @@ class AdaptiveWait:
             return 0.0
         else:
             rate = self.rate
-        expected = rate * window
+        room = max(self._peak, self._peak_before) - self.present  # requests that can still come
+        expected = min(rate * window, room)
         if expected < 1:
             return 0.0
         bigger = min(self.limit, rows + int(min(expected, self.limit)))
@@ -155,7 +184,10 @@ class AdaptiveWait:
             fixed, per_row = fit
             if fixed / bigger + per_row > GAIN * (fixed / rows + per_row):
                 return 0.0
-        return min(window, (bigger - rows) / rate)
+        due = (bigger - rows) / rate
+        if self._last_arrival is not None:
+            due -= now - self._last_arrival
+        return min(window, due)
 
 
 def _line(points: list[tuple[float, float]]) -> tuple[float, float] | None:

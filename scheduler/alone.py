@@ -107,7 +107,7 @@ class RunsAlone:
                 return None  # the loop answers it: expired
             if self.config.max_queue_delay_us or rows > self.config.max_batch_size:
                 return None
-            if self.adaptive is not None and self.adaptive.hold(rows, 0.0) > 0:
+            if self.adaptive is not None and self.adaptive.hold(rows, 0.0, now) > 0:
                 return None
             version = self.constants_version
             started = time.perf_counter()
@@ -121,6 +121,7 @@ class RunsAlone:
         """On the loop: count a request that `run_alone` ran, as a batch of one."""
         if self.adaptive is not None:
             self.adaptive.arrived(self._clock(), False)
+            self.adaptive.left()  # answered already
         self._record(self._slots[0], rows, [0.0], compute, compute, error)
 
     async def _wait_alone(self) -> None:

@@ -223,6 +223,8 @@ class ModelScheduler(RunsAlone):
     ) -> None:
         if timer is not None:
             timer.cancel()
+        if self.adaptive is not None:
+            self.adaptive.left()
         if future.cancelled():
             # The caller went away (cancelled RPC, closed stream): a queued request
             # is withdrawn and never runs; a running one finishes for its batch.

@@ -67,7 +67,7 @@ class RequestQueue:
             age = now - head.enqueued_at
             if self._delay > 0 and age < self._delay:
                 return None, self._delay - age
-            if self._adaptive is not None and (hold := self._adaptive.hold(waiting, age)) > 0:
+            if self._adaptive is not None and (hold := self._adaptive.hold(waiting, age, now)) > 0:
                 return None, hold
         candidates = [
             r

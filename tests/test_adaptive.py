@@ -54,6 +54,7 @@ def simulate(
     sequence = len(events)
     free_since = 0.0
     busy = False
+    running = 0
     batches: list[tuple[float, float, float]] = []
     while events:
         now, _, kind = heapq.heappop(events)
@@ -64,6 +65,8 @@ def simulate(
         elif kind == "done":
             busy = False
             free_since = now
+            for _ in range(running):
+                adaptive.left()
         if busy:
             continue
         batch, wait = queue.take(now)
@@ -77,6 +80,7 @@ def simulate(
         adaptive.ran(rows, cost)
         batches.append((now, free_since, min(r.enqueued_at for r in batch)))
         busy = True
+        running = len(batch)
         sequence += 1
         heapq.heappush(events, (now + cost, sequence, "done"))
     assert queue.size == 0  # every request was dispatched
@@ -136,10 +140,10 @@ def test_waits_when_a_batch_costs_about_the_same_at_any_size(loop: asyncio.Abstr
     # A request every 50 µs; a batch costs 1 ms whatever its size: waiting pays.
     arrivals = [i * 50e-6 for i in range(2000)]
     flat, adaptive = simulate(loop, arrivals, 1e-3, 0.0, 2e-3)
-    assert adaptive.hold(2, 0.0) > 0
+    assert adaptive.hold(2, 0.0, arrivals[-1]) > 0
     # Cost proportional to rows: nothing to gain, so it never waits.
     linear, adaptive = simulate(loop, arrivals, 0.0, 60e-6, 2e-3)
-    assert adaptive.hold(2, 0.0) == 0
+    assert adaptive.hold(2, 0.0, arrivals[-1]) == 0
     assert all(dispatched == max(free, oldest) for dispatched, free, oldest in linear)
     # The wait shows in fuller batches than dispatching at once gives.
     at_once, _ = simulate(loop, arrivals, 1e-3, 0.0, 0.0)
@@ -150,12 +154,28 @@ def test_hold_never_exceeds_what_is_left_of_the_bound() -> None:
     adaptive = AdaptiveWait(0.002, LIMIT)
     for i in range(50):
         adaptive.arrived(i * 1e-5, busy=True)
+    for _ in range(49):  # answered, all but one: they may come again
+        adaptive.left()
     adaptive.ran(1, 0.005)
     adaptive.ran(16, 0.005)
-    assert 0 < adaptive.hold(1, 0.0) <= 0.002
-    assert 0 < adaptive.hold(1, 0.0015) <= 0.0005 + 1e-12
-    assert adaptive.hold(1, 0.002) == 0
-    assert adaptive.hold(LIMIT, 0.0) == 0
+    now = 49e-5  # the last arrival
+    assert 0 < adaptive.hold(1, 0.0, now) <= 0.002
+    assert 0 < adaptive.hold(1, 0.0015, now) <= 0.0005 + 1e-12
+    assert adaptive.hold(1, 0.002, now) == 0
+    assert adaptive.hold(LIMIT, 0.0, now) == 0
+
+
+def test_a_wait_ends_once_the_rows_it_expects_are_late() -> None:
+    # Requests came every 10 µs; after 10 ms without one, those it would wait for are
+    # late: it dispatches instead of waiting again, whatever is left of the bound.
+    adaptive = AdaptiveWait(0.002, LIMIT, 0.05, Contention())
+    adaptive.contention.report("probe", True)
+    for i in range(50):
+        adaptive.arrived(i * 1e-5, busy=True)
+    for _ in range(49):
+        adaptive.left()
+    assert adaptive.hold(1, 0.0, 49e-5) > 0
+    assert adaptive.hold(1, 0.0, 49e-5 + 0.01) == 0
 
 
 def test_a_closed_loop_client_with_one_request_in_flight_never_waits(loop: asyncio.AbstractEventLoop) -> None:
@@ -172,6 +192,7 @@ def test_a_closed_loop_client_with_one_request_in_flight_never_waits(loop: async
         cost = 1e-3  # the same whatever the size: waiting would pay if anyone came
         adaptive.ran(len(batch), cost)
         adaptive.ran(LIMIT, cost)
+        adaptive.left()
         now += cost + 50e-6  # answered, then the client sends its next request
 
 
@@ -183,13 +204,84 @@ def test_contention_fills_batches_a_free_runner_would_send_at_once(loop: asyncio
     calm, _ = simulate(loop, arrivals, 100e-6, 0.0, 1e-3, 5e-3)
     assert all(dispatched == oldest for dispatched, _, oldest in calm)
     # A starved feeding thread: every batch takes CPU from it, so the runner waits
-    # (up to 5 ms) for the rows that keep coming.
-    starved, _ = simulate(loop, arrivals, 100e-6, 0.0, 1e-3, 5e-3, lambda now: True)
-    assert len(arrivals) / len(starved) >= 8
+    # (up to 5 ms) for the rows that keep coming, as many as it has seen at once
+    # lately (a burst of 16 at the start).
+    burst = [0.0] * 16 + arrivals[1:]
+    starved, _ = simulate(loop, burst, 100e-6, 0.0, 1e-3, 5e-3, lambda now: True)
+    assert len(burst) / len(starved) >= 8
     assert all(dispatched - oldest <= 5e-3 + 1e-9 for dispatched, _, oldest in starved)
+    # Without the burst, no more than one request was ever there at once: as with
+    # clients that each wait for their answer, nothing more can be expected.
+    alone, _ = simulate(loop, arrivals, 100e-6, 0.0, 1e-3, 5e-3, lambda now: True)
+    assert all(dispatched == oldest for dispatched, _, oldest in alone)
     # contended_delay_us = 0 turns the longer wait off.
     off, _ = simulate(loop, arrivals, 100e-6, 0.0, 1e-3, 0.0, lambda now: True)
     assert all(dispatched == oldest for dispatched, _, oldest in off)
+
+
+def closed_loop(
+    loop: asyncio.AbstractEventLoop,
+    clients: int,
+    think_s: float,
+    fixed_s: float,
+    contended_bound_s: float,
+    answers: int = 2000,
+) -> tuple[float, list[int]]:
+    """`clients` that each keep one request in flight, sending the next `think_s`
+    after each answer, served by one runner whose batches cost `fixed_s`, under CPU
+    contention (the longer bound applies); returns (answers per second, batch sizes)."""
+    contention = Contention()
+    contention.report("probe", True)
+    adaptive = AdaptiveWait(1e-3, LIMIT, contended_bound_s, contention)
+    queue = RequestQueue("m", BatchingConfig(max_batch_size=LIMIT), True, adaptive)
+    events: list[tuple[float, int, str]] = [(0.0, i, "arrive") for i in range(clients)]
+    sequence = clients
+    busy = False
+    running: list[PendingRequest] = []
+    sizes: list[int] = []
+    answered = 0
+    now = 0.0
+    while answered < answers:
+        now, _, kind = heapq.heappop(events)
+        if kind == "arrive":
+            adaptive.arrived(now, busy or queue.size > 0)
+            queue.push(PendingRequest([torch.zeros(1, 4)], 1, BUCKET, 0, None, loop.create_future(), now))
+        elif kind == "done":
+            busy = False
+            for _ in running:
+                adaptive.left()
+                answered += 1
+                sequence += 1
+                heapq.heappush(events, (now + think_s, sequence, "arrive"))
+        if busy:
+            continue
+        batch, wait = queue.take(now)
+        if batch is None:
+            if wait is not None:
+                sequence += 1
+                heapq.heappush(events, (now + wait, sequence, "timer"))
+            continue
+        adaptive.ran(len(batch), fixed_s)
+        sizes.append(len(batch))
+        busy = True
+        running = batch
+        sequence += 1
+        heapq.heappush(events, (now + fixed_s, sequence, "done"))
+    return answered / now, sizes
+
+
+@pytest.mark.parametrize("clients", [2, 8, 24])
+def test_a_closed_loop_is_not_held_for_requests_that_cannot_come(
+    loop: asyncio.AbstractEventLoop, clients: int
+) -> None:
+    # Under contention the runner waits up to 10 ms for rows that keep coming; but a
+    # fixed population of clients sends no more once all its requests are queued.
+    # Batches of 100 µs whatever their size, clients that answer after 1 ms.
+    at_once, sizes_at_once = closed_loop(loop, clients, 1e-3, 100e-6, contended_bound_s=0.0)
+    bounded, sizes = closed_loop(loop, clients, 1e-3, 100e-6, contended_bound_s=10e-3)
+    assert bounded >= 0.9 * at_once
+    # ...while still batching what is there, at least as fully as without a wait.
+    assert sum(sizes[10:]) / len(sizes[10:]) >= sum(sizes_at_once[10:]) / len(sizes_at_once[10:])
 
 
 def test_contention_is_reported_per_source() -> None:
