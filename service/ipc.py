@@ -27,9 +27,9 @@ from __future__ import annotations
 import math
 import pickle
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -75,7 +75,6 @@ _ERRORS: dict[ErrorKind, type[Pt2ServeError]] = {
     ErrorKind.INTERNAL: ExecutionFailed,
 }
 NONE = math.nan
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,25 +166,23 @@ def _text_at(frame: bytearray, at: int) -> tuple[str, int]:
     return frame[start : start + size].decode(), start + size
 
 
-def _tensor_at(frame: bytearray, at: int) -> tuple[RawTensor, int]:
-    """The tensor at `at` as a RawTensor over `frame` (a view, which keeps it alive),
-    and where the next field starts."""
-    head = _head_struct(frame[at + 1])
-    code, _, *shape, nbytes = head.unpack_from(frame, at)
-    start = at + head.size
-    end = start + nbytes
-    return RawTensor(TYPES[code].torch, tuple(shape), memoryview(frame)[start:end]), end
-
-
-def _named(frame: bytearray, at: int, read: Callable[[bytearray, int], tuple[T, int]]) -> dict[str, T]:
-    """The `u8 n, n*(str name, tensor)` that ends a request or a result."""
+def _named_tensors(frame: bytearray, at: int) -> dict[str, RawTensor]:
+    """The `u8 n, n*(str name, tensor)` that ends a request or a result, as
+    RawTensors over `frame` (views, which keep it alive)."""
+    view = memoryview(frame)
+    tensors = {}
     count = frame[at]
     at += 1
-    tensors = {}
     for _ in range(count):
-        name, at = _text_at(frame, at)
-        tensor, at = read(frame, at)
-        tensors[name] = tensor
+        (size,) = _STR.unpack_from(frame, at)
+        at += 2
+        name = frame[at : at + size].decode()
+        at += size
+        head = _head_struct(frame[at + 1])
+        code, _, *shape, nbytes = head.unpack_from(frame, at)
+        at += head.size
+        tensors[name] = RawTensor(TYPES[code].torch, tuple(shape), view[at : at + nbytes])
+        at += nbytes
     return tensors
 
 
@@ -207,7 +204,9 @@ def pack_request(
         NONE if timeout_s is None else timeout_s,
         priority,
     )
-    head += b"".join([_str(model), _COUNT.pack(len(output_names)), *map(_str, output_names)])
+    head += _str(model) + _COUNT.pack(len(output_names))
+    for name in output_names:
+        head += _str(name)
     return _framed_tensors(head, inputs, "inputs")
 
 
@@ -234,7 +233,7 @@ def unpack_request(frame: bytearray) -> Request:
     return Request(
         request_id,
         model,
-        _named(frame, at, _tensor_at),
+        _named_tensors(frame, at),
         priority,
         None if timeout_s != timeout_s else timeout_s,  # NaN: none
         None if deadline != deadline else deadline,
@@ -262,7 +261,7 @@ def unpack_raw_result(frame: bytearray) -> tuple[int, int, dict[str, AnyTensor]]
     """A result whose outputs stay bytes (RawTensor over the frame): a front end only
     copies them into its response."""
     _, request_id, version = _RESULT.unpack_from(frame, 0)
-    outputs: dict[str, AnyTensor] = _named(frame, _RESULT.size, _tensor_at)
+    outputs = cast(dict[str, AnyTensor], _named_tensors(frame, _RESULT.size))
     return request_id, version, outputs
 
 
