@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -33,6 +34,13 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
+class Batch(NamedTuple):
+    dispatched: float
+    free_since: float  # the runner was free since
+    oldest: float  # its oldest request arrived then
+    rows: int
+
+
 def simulate(
     loop: asyncio.AbstractEventLoop,
     arrivals: list[float],
@@ -41,10 +49,14 @@ def simulate(
     bound_s: float,
     contended_bound_s: float = 0.0,
     contended: Callable[[float], bool] = lambda now: False,
-) -> tuple[list[tuple[float, float, float]], AdaptiveWait]:
-    """Serve `arrivals` (times) with one runner; returns, per batch, (dispatched at,
-    runner free since, oldest request's arrival), and the policy as it ended.
-    `contended(now)`: whether a feeding thread is starved for CPU at that time."""
+    *,
+    think_s: float | None = None,
+    answers: int = 0,
+) -> tuple[list[Batch], AdaptiveWait]:
+    """Serve `arrivals` (times) with one runner; returns its batches and the policy
+    as it ended. `contended(now)`: whether a feeding thread is starved for CPU at
+    that time. With `think_s`, a closed loop: every answered request is sent again
+    `think_s` later, until `answers` have been answered."""
     contention = Contention()
     adaptive = AdaptiveWait(bound_s, LIMIT, contended_bound_s, contention)
     queue = RequestQueue("m", BatchingConfig(max_batch_size=LIMIT), True, adaptive)
@@ -55,8 +67,9 @@ def simulate(
     free_since = 0.0
     busy = False
     running = 0
-    batches: list[tuple[float, float, float]] = []
-    while events:
+    answered = 0
+    batches: list[Batch] = []
+    while events and (think_s is None or answered < answers):
         now, _, kind = heapq.heappop(events)
         contention.report("probe", contended(now))
         if kind == "arrive":
@@ -67,6 +80,10 @@ def simulate(
             free_since = now
             for _ in range(running):
                 adaptive.left()
+                answered += 1
+                if think_s is not None:
+                    sequence += 1
+                    heapq.heappush(events, (now + think_s, sequence, "arrive"))
         if busy:
             continue
         batch, wait = queue.take(now)
@@ -78,12 +95,12 @@ def simulate(
         rows = sum(r.rows for r in batch)
         cost = fixed_s + per_row_s * rows
         adaptive.ran(rows, cost)
-        batches.append((now, free_since, min(r.enqueued_at for r in batch)))
+        batches.append(Batch(now, free_since, min(r.enqueued_at for r in batch), rows))
         busy = True
         running = len(batch)
         sequence += 1
         heapq.heappush(events, (now + cost, sequence, "done"))
-    assert queue.size == 0  # every request was dispatched
+    assert think_s is not None or queue.size == 0  # every request was dispatched
     return batches, adaptive
 
 
@@ -115,10 +132,10 @@ def test_no_request_waits_on_a_free_runner_past_the_bound(
 
     batches, _ = simulate(loop, arrivals, fixed_s, per_row_s, bound_s, contended_bound_s, contended)
     longest = max(bound_s, contended_bound_s) if switches else bound_s
-    for dispatched, free_since, oldest in batches:
+    for batch in batches:
         # Waiting began when both the runner was free and the request was there; the
         # scheduler's own waiting never takes a request past arrival + bound.
-        assert dispatched <= max(free_since, oldest + longest) + 1e-9
+        assert batch.dispatched <= max(batch.free_since, batch.oldest + longest) + 1e-9
 
 
 @settings(max_examples=100, deadline=None)
@@ -133,7 +150,7 @@ def test_a_lone_request_on_an_idle_server_goes_at_once(
     # Requests far apart (each gap longer than any batch and the bound): none waits.
     arrivals = [i * gap_s for i in range(20)]
     batches, _ = simulate(loop, arrivals, fixed_s, 0.0, bound_s)
-    assert all(dispatched == oldest for dispatched, _, oldest in batches)
+    assert all(b.dispatched == b.oldest for b in batches)
 
 
 def test_waits_when_a_batch_costs_about_the_same_at_any_size(loop: asyncio.AbstractEventLoop) -> None:
@@ -144,7 +161,7 @@ def test_waits_when_a_batch_costs_about_the_same_at_any_size(loop: asyncio.Abstr
     # Cost proportional to rows: nothing to gain, so it never waits.
     linear, adaptive = simulate(loop, arrivals, 0.0, 60e-6, 2e-3)
     assert adaptive.hold(2, 0.0, arrivals[-1]) == 0
-    assert all(dispatched == max(free, oldest) for dispatched, free, oldest in linear)
+    assert all(b.dispatched == max(b.free_since, b.oldest) for b in linear)
     # The wait shows in fuller batches than dispatching at once gives.
     at_once, _ = simulate(loop, arrivals, 1e-3, 0.0, 0.0)
     assert len(flat) < len(at_once)
@@ -202,72 +219,42 @@ def test_contention_fills_batches_a_free_runner_would_send_at_once(loop: asyncio
     # out, and the uncontended rule sends every request alone.
     arrivals = [i * 500e-6 for i in range(400)]
     calm, _ = simulate(loop, arrivals, 100e-6, 0.0, 1e-3, 5e-3)
-    assert all(dispatched == oldest for dispatched, _, oldest in calm)
+    assert all(b.dispatched == b.oldest for b in calm)
     # A starved feeding thread: every batch takes CPU from it, so the runner waits
     # (up to 5 ms) for the rows that keep coming, as many as it has seen at once
     # lately (a burst of 16 at the start).
     burst = [0.0] * 16 + arrivals[1:]
     starved, _ = simulate(loop, burst, 100e-6, 0.0, 1e-3, 5e-3, lambda now: True)
     assert len(burst) / len(starved) >= 8
-    assert all(dispatched - oldest <= 5e-3 + 1e-9 for dispatched, _, oldest in starved)
+    assert all(b.dispatched - b.oldest <= 5e-3 + 1e-9 for b in starved)
     # Without the burst, no more than one request was ever there at once: as with
     # clients that each wait for their answer, nothing more can be expected.
     alone, _ = simulate(loop, arrivals, 100e-6, 0.0, 1e-3, 5e-3, lambda now: True)
-    assert all(dispatched == oldest for dispatched, _, oldest in alone)
+    assert all(b.dispatched == b.oldest for b in alone)
     # contended_delay_us = 0 turns the longer wait off.
     off, _ = simulate(loop, arrivals, 100e-6, 0.0, 1e-3, 0.0, lambda now: True)
-    assert all(dispatched == oldest for dispatched, _, oldest in off)
+    assert all(b.dispatched == b.oldest for b in off)
 
 
 def closed_loop(
-    loop: asyncio.AbstractEventLoop,
-    clients: int,
-    think_s: float,
-    fixed_s: float,
-    contended_bound_s: float,
-    answers: int = 2000,
+    loop: asyncio.AbstractEventLoop, clients: int, contended_bound_s: float
 ) -> tuple[float, list[int]]:
-    """`clients` that each keep one request in flight, sending the next `think_s`
-    after each answer, served by one runner whose batches cost `fixed_s`, under CPU
-    contention (the longer bound applies); returns (answers per second, batch sizes)."""
-    contention = Contention()
-    contention.report("probe", True)
-    adaptive = AdaptiveWait(1e-3, LIMIT, contended_bound_s, contention)
-    queue = RequestQueue("m", BatchingConfig(max_batch_size=LIMIT), True, adaptive)
-    events: list[tuple[float, int, str]] = [(0.0, i, "arrive") for i in range(clients)]
-    sequence = clients
-    busy = False
-    running: list[PendingRequest] = []
-    sizes: list[int] = []
-    answered = 0
-    now = 0.0
-    while answered < answers:
-        now, _, kind = heapq.heappop(events)
-        if kind == "arrive":
-            adaptive.arrived(now, busy or queue.size > 0)
-            queue.push(PendingRequest([torch.zeros(1, 4)], 1, BUCKET, 0, None, loop.create_future(), now))
-        elif kind == "done":
-            busy = False
-            for _ in running:
-                adaptive.left()
-                answered += 1
-                sequence += 1
-                heapq.heappush(events, (now + think_s, sequence, "arrive"))
-        if busy:
-            continue
-        batch, wait = queue.take(now)
-        if batch is None:
-            if wait is not None:
-                sequence += 1
-                heapq.heappush(events, (now + wait, sequence, "timer"))
-            continue
-        adaptive.ran(len(batch), fixed_s)
-        sizes.append(len(batch))
-        busy = True
-        running = batch
-        sequence += 1
-        heapq.heappush(events, (now + fixed_s, sequence, "done"))
-    return answered / now, sizes
+    """`clients` that each keep one request in flight, sending the next 1 ms after
+    each answer, served by one runner whose batches cost 100 µs whatever their size,
+    under CPU contention (the longer bound applies); returns (answers per second,
+    batch sizes)."""
+    batches, _ = simulate(
+        loop,
+        [0.0] * clients,
+        100e-6,
+        0.0,
+        1e-3,
+        contended_bound_s,
+        lambda now: True,
+        think_s=1e-3,
+        answers=2000,
+    )
+    return sum(b.rows for b in batches) / batches[-1].dispatched, [b.rows for b in batches]
 
 
 @pytest.mark.parametrize("clients", [2, 8, 24])
@@ -277,8 +264,8 @@ def test_a_closed_loop_is_not_held_for_requests_that_cannot_come(
     # Under contention the runner waits up to 10 ms for rows that keep coming; but a
     # fixed population of clients sends no more once all its requests are queued.
     # Batches of 100 µs whatever their size, clients that answer after 1 ms.
-    at_once, sizes_at_once = closed_loop(loop, clients, 1e-3, 100e-6, contended_bound_s=0.0)
-    bounded, sizes = closed_loop(loop, clients, 1e-3, 100e-6, contended_bound_s=10e-3)
+    at_once, sizes_at_once = closed_loop(loop, clients, contended_bound_s=0.0)
+    bounded, sizes = closed_loop(loop, clients, contended_bound_s=10e-3)
     assert bounded >= 0.9 * at_once
     # ...while still batching what is there, at least as fully as without a wait.
     assert sum(sizes[10:]) / len(sizes[10:]) >= sum(sizes_at_once[10:]) / len(sizes_at_once[10:])
