@@ -174,10 +174,7 @@ def _named_tensors(frame: bytearray, at: int) -> dict[str, RawTensor]:
     count = frame[at]
     at += 1
     for _ in range(count):
-        (size,) = _STR.unpack_from(frame, at)
-        at += 2
-        name = frame[at : at + size].decode()
-        at += size
+        name, at = _text_at(frame, at)
         head = _head_struct(frame[at + 1])
         code, _, *shape, nbytes = head.unpack_from(frame, at)
         at += head.size
