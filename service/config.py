@@ -117,7 +117,7 @@ class ServerConfig:
 
 def default_frontends(cpus: int | None = None) -> int:
     """Front ends for `frontends = "auto"`: one per CPU this process may use, at most 8;
-    one process (0) on a single CPU. Measured on 2 CPUs over twenty-one runs (README,
+    one process (0) on a single CPU. Measured on 2 CPUs over twenty-two runs (README,
     Processes; docs/performance.md), two front ends answered the overhead-bound demo
     model at 0.82-1.17x the null server, one front end at 0.70-1.00x and one process
     at 0.44-0.79x; a lone request took between 0.57 ms less and 0.21 ms more behind
