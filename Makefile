@@ -33,15 +33,17 @@ lint: setup typecheck-tree
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# External tools the tests run: Prometheus and promtool (Debian's package, installed
-# when running as root), kubectl (kustomize). hadolint comes with the dev extras.
+# External tools the tests run: Prometheus and promtool, haproxy (an L4 balancer, as
+# a Kubernetes Service; Debian's packages, installed when running as root), kubectl
+# (kustomize). hadolint comes with the dev extras.
 tools:
-	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null || \
+	    ! PATH="$$PATH:/usr/sbin" command -v haproxy >/dev/null; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	    apt-get install -y -qq --no-install-recommends prometheus haproxy >/dev/null; \
 	  else \
-	    echo "the tests need Prometheus and promtool: apt-get install prometheus (as root)"; exit 1; \
+	    echo "the tests need Prometheus, promtool and haproxy: apt-get install prometheus haproxy (as root)"; exit 1; \
 	  fi; \
 	fi
 	@command -v kubectl >/dev/null || { echo "the tests need kubectl (for kustomize)"; exit 1; }

@@ -1,13 +1,18 @@
-"""SIGTERM under load: how callers' calls end while pt2serve drains.
+"""SIGTERM under load, side by side: how callers' calls end while a server shuts down.
 
-    python -m bench.drain                # 10 rounds, 32 callers
-    python -m bench.drain --rounds 3 --callers 64
+    python -m bench.drain                      # both scenarios, 3 rounds each
+    python -m bench.drain --scenario l4 --rounds 5
 
-Each round starts `pt2serve serve` (the demo model), lets CALLERS closed-loop unary
-callers run for a second, sends SIGTERM and keeps calling for 1.5 s. A caller that
-gets UNAVAILABLE waits 10 ms and calls again (what a retrying client does). It
-prints, per round, the calls that ended OK, UNAVAILABLE and anything else (CANCELLED:
-calls gRPC dropped as the listener closed, which clients do not retry).
+Servers, taking turns in each round: pt2serve in its default layout (front ends and
+an engine), pt2serve in one process (`--frontends 0`), and the plain grpc.aio server
+of bench/null_server.py, whose SIGTERM handler sets health NOT_SERVING and calls
+`server.stop(grace)` (grpc's own graceful-shutdown example).
+
+- `l4`: a rolling restart of 3 replicas behind haproxy in TCP mode (bench/l4.py),
+  8 plain tritonclient callers (no retries) calling ModelInfer in a loop.
+- `single`: one server, 32 asyncio callers that never back off calling Run, SIGTERM
+  after a second; calls after the listener closed fail to connect (UNAVAILABLE):
+  there is no other replica.
 """
 
 from __future__ import annotations
@@ -16,20 +21,34 @@ import argparse
 import asyncio
 import collections
 import os
+import pathlib
 import signal
 import sys
+import tempfile
 
 import grpc
 import torch
 
+from bench.l4 import Replica, Tally, rolling_restart
 from bench.run import CACHE, server_process
 from pt2serve.service import tensors
 from pt2serve.service.demo import demo_package
 from pt2serve.service.pb import pt2serve_pb2 as pb
 from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
 
+PT2SERVE = [sys.executable, "-m", "pt2serve.service.cli", "serve", "--metrics-port", "0"]
+# name -> (argv with {port}, the log line that says it serves)
+SERVERS = {
+    "pt2serve (default layout)": ([*PT2SERVE, "--grpc-port", "{port}"], "ready:"),
+    "pt2serve --frontends 0": ([*PT2SERVE, "--grpc-port", "{port}", "--frontends", "0"], "ready:"),
+    "plain grpc.aio, stop(grace)": (
+        [sys.executable, "-m", "bench.null_server", "--port", "{port}", "--output-width", "4"],
+        "listening on",
+    ),
+}
 
-async def one_round(target: str, pid: int, callers: int) -> collections.Counter[str]:
+
+async def single_round(target: str, pid: int, callers: int) -> collections.Counter[str]:
     outcomes: collections.Counter[str] = collections.Counter()
     stop = asyncio.Event()
     request = pb.RunRequest(model="demo", inputs={"x": tensors.tensor_to_pb(torch.randn(2, 16))})
@@ -43,8 +62,6 @@ async def one_round(target: str, pid: int, callers: int) -> collections.Counter[
                     outcomes["OK"] += 1
                 except grpc.aio.AioRpcError as exc:
                     outcomes[exc.code().name] += 1
-                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                        await asyncio.sleep(0.01)
 
         tasks = [asyncio.create_task(caller()) for _ in range(callers)]
         await asyncio.sleep(1.0)
@@ -55,23 +72,48 @@ async def one_round(target: str, pid: int, callers: int) -> collections.Counter[
     return outcomes
 
 
+def single(rounds: int, callers: int, env: dict[str, str]) -> None:
+    totals = {name: Tally() for name in SERVERS}
+    for round_ in range(1, rounds + 1):
+        for name, (argv, ready) in SERVERS.items():
+            argv = [a.replace("{port}", "0") for a in argv]
+            with server_process(argv, ready, env) as server:
+                codes = asyncio.run(single_round(server.target, server.pid, callers))
+            tally = Tally(codes)
+            totals[name].codes += codes
+            print(f"single round {round_}, {name}: {tally.line()}")
+    for name, tally in totals.items():
+        print(f"single total, {name}: {tally.line()}")
+
+
+def l4(rounds: int, callers: int, env: dict[str, str]) -> None:
+    totals = {name: Tally() for name in SERVERS}
+    for round_ in range(1, rounds + 1):
+        for name, (argv, ready) in SERVERS.items():
+            with tempfile.TemporaryDirectory() as directory:
+                where = pathlib.Path(directory)
+                replicas = [Replica(where, f"replica{i}", argv, ready, env) for i in range(3)]
+                report = rolling_restart(replicas, where, callers=callers)
+            totals[name].codes += report.tally.codes
+            print(f"l4 round {round_}, {name}: {report.tally.line()}; exit codes {report.exit_codes}")
+    for name, tally in totals.items():
+        print(f"l4 total, {name}: {tally.line()}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--callers", type=int, default=32)
+    parser.add_argument("--scenario", choices=["l4", "single", "both"], default="both")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--callers", type=int, help="default: 8 (l4), 32 (single)")
     args = parser.parse_args()
     demo_package(CACHE)
-    env = {**os.environ, "PT2SERVE_CACHE_DIR": str(CACHE)}
-    argv = [sys.executable, "-m", "pt2serve.service.cli", "serve", "--grpc-port", "0", "--metrics-port", "0"]
-    total: collections.Counter[str] = collections.Counter()
-    for round_ in range(1, args.rounds + 1):
-        with server_process(argv, "ready:", env) as server:
-            outcomes = asyncio.run(one_round(server.target, server.pid, args.callers))
-        total += outcomes
-        print(f"round {round_}: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
-    print("total: " + ", ".join(f"{k} {v}" for k, v in sorted(total.items())))
+    env = {**os.environ, "PT2SERVE_CACHE_DIR": str(CACHE), "PYTHONUNBUFFERED": "1"}
+    if args.scenario in ("l4", "both"):
+        l4(args.rounds, args.callers or 8, env)
+    if args.scenario in ("single", "both"):
+        single(args.rounds, args.callers or 32, env)
     return 0
 
 

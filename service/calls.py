@@ -1,7 +1,7 @@
 """Everything every call needs, applied once per method when it is registered (not
 per call, as grpc.aio interceptors would): the standard gRPC server metrics, the
 management token, domain errors as status codes, request messages that do not parse
-answered INVALID_ARGUMENT, and the count of unary calls in handlers for draining.
+answered INVALID_ARGUMENT, and the count of calls in handlers that shutdown waits for.
 
 `Registrar` stands in for the server while the generated `add_*_to_server`
 functions register their services, and wraps each method's handler with `wrap`.
@@ -33,6 +33,15 @@ from pt2serve.service.security import MANAGEMENT_METHODS
 
 Context = grpc.aio.ServicerContext[Any, Any]
 REGISTERED = frozenset({"/pt2serve.v1.Inference/Run", "/inference.GRPCInferenceService/ModelInfer"})
+# Streams that stay open for as long as their client likes and carry no inference:
+# shutdown does not wait for them (service/shutdown.py).
+LINGERING = frozenset(
+    {
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    }
+)
 KINDS = (
     ("unary_unary", "unary"),
     ("unary_stream", "server_stream"),
@@ -45,10 +54,18 @@ class CallPolicy:
     """What `wrap` applies: metrics, the management token (None: management is open)
     and the drain accounting."""
 
-    def __init__(self, metrics: GrpcMetrics, token: str | None, calls: CallsInFlight) -> None:
+    def __init__(
+        self,
+        metrics: GrpcMetrics,
+        token: str | None,
+        calls: CallsInFlight,
+        draining: asyncio.Event | None = None,
+    ) -> None:
         self.metrics = metrics
         self.expected = f"Bearer {token}".encode() if token else None
         self.calls = calls
+        # Set at the GOAWAY (service/shutdown.py): lingering Watch streams end.
+        self.draining = draining
 
     def authorized(self, method: str, context: Context) -> bool:
         if self.expected is None or method not in MANAGEMENT_METHODS:
@@ -98,6 +115,7 @@ def wrap(method: str, handler: Any, policy: CallPolicy) -> Any:
     metrics = policy.metrics.for_method(kind, service, name)
     streaming_request = attr.startswith("stream_")
     calls = policy.calls
+    counted = method not in LINGERING
 
     def refusal(request: Any, context: Context) -> Pt2ServeError | None:
         if not policy.authorized(method, context):
@@ -133,10 +151,10 @@ def wrap(method: str, handler: Any, policy: CallPolicy) -> Any:
             calls.leave()
 
     async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-        # Response streams are not counted in `calls`: they may stay open as long as
-        # their client likes; their requests are drained by the scheduler.
         started = time.perf_counter()
         metrics.started.inc()
+        if counted:
+            calls.enter()
         try:
             if (refused := refusal(request, context)) is not None:
                 raise refused
@@ -144,7 +162,10 @@ def wrap(method: str, handler: Any, policy: CallPolicy) -> Any:
             if inspect.isawaitable(responses):
                 # A handler that writes with context.write (health's Watch) and
                 # returns nothing.
-                await responses
+                if counted or policy.draining is None:
+                    await responses
+                else:
+                    await _until(responses, policy.draining)
             else:
                 async for item in responses:
                     if context.done():
@@ -158,11 +179,28 @@ def wrap(method: str, handler: Any, policy: CallPolicy) -> Any:
                 raise
         else:
             metrics.finish(started, context.code() or grpc.StatusCode.OK)
+        finally:
+            if counted:
+                calls.leave()
 
     replaced: dict[str, Any] = {attr: stream if attr.endswith("_stream") else unary}
     if handler.request_deserializer is not None:
         replaced["request_deserializer"] = _tolerant(handler.request_deserializer)
     return handler._replace(**replaced)
+
+
+async def _until(work: Any, event: asyncio.Event) -> None:
+    """Run `work` until it ends or `event` is set, whichever comes first."""
+    task: asyncio.Future[Any] = asyncio.ensure_future(work)
+    waiting = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait([task, waiting], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+        task.cancel()  # nothing if it is over
+        await asyncio.gather(task, return_exceptions=True)
+    if not task.cancelled() and (error := task.exception()) is not None:
+        raise error
 
 
 class _Unauthenticated(Pt2ServeError):

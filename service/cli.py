@@ -98,6 +98,13 @@ def _parser() -> argparse.ArgumentParser:
         help="threads per model operator (OpenMP, MKL); default auto: the CPUs the event "
         "loops leave, at least 1, unless $OMP_NUM_THREADS is set (README, Processes)",
     )
+    serve.add_argument(
+        "--drain-delay-s",
+        type=float,
+        help="on SIGTERM, serve on this long after turning NOT_SERVING, before closing "
+        "connections (default 0; the Kubernetes manifests set 5)",
+    )
+    serve.add_argument("--drain-grace-s", type=float, help="then, how long calls in progress get to finish")
     serve.add_argument("--role", choices=["engine", "frontend"], help=argparse.SUPPRESS)
     serve.add_argument("--run-dir", help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)

@@ -32,7 +32,11 @@ class ServerConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # Relative package paths (flags, config, LoadModel) resolve against this.
     model_root: str = "."
-    # How long queued requests get to finish on shutdown.
+    # Shutdown (service/shutdown.py): on SIGTERM the server turns NOT_SERVING and
+    # serves on for drain_delay_s (long enough for a Kubernetes endpoint removal to
+    # reach every node and client); then GOAWAY, and the calls in progress get
+    # drain_grace_s to finish.
+    drain_delay_s: float = 0.0
     drain_grace_s: float = 10.0
     # Python's GIL switch interval for the process. Runner threads need the GIL for
     # a moment before and after each batch; at the default 5 ms they wait behind
@@ -88,6 +92,8 @@ class ServerConfig:
             raise InvalidInput(f"frontends must be 0 (one process), more, or 'auto'; got {self.frontends}")
         if self.intra_op_threads is not None and self.intra_op_threads < 1:
             raise InvalidInput(f"intra_op_threads must be 1 or more, or 'auto'; got {self.intra_op_threads}")
+        if self.drain_delay_s < 0 or self.drain_grace_s < 0:
+            raise InvalidInput("drain_delay_s and drain_grace_s must not be negative")
         if self.max_tensor_bytes < 1 or self.max_concurrent_streams < 0:
             raise InvalidInput("max_tensor_mb must be positive and max_concurrent_streams not negative")
         if self.gil_switch_interval_us < 0 or self.gc_gen0_threshold < 0:
@@ -202,6 +208,7 @@ SERVER_KEYS: dict[str, tuple[str, Reader]] = {
     "metrics_port": ("metrics_port", _as(int)),
     "max_message_mb": ("max_message_bytes", _megabytes),
     "model_root": ("model_root", _path),
+    "drain_delay_s": ("drain_delay_s", _as(float)),
     "drain_grace_s": ("drain_grace_s", _as(float)),
     "gil_switch_interval_us": ("gil_switch_interval_us", _as(int)),
     "gc_gen0_threshold": ("gc_gen0_threshold", _as(int)),

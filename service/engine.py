@@ -116,7 +116,9 @@ class Engine:
             self.intake = None
         self.server.ready = False
         self.broadcast()
-        await self.server.stop()
+        # The front ends have shut down already (the supervisor stops them first):
+        # no drain delay on the private socket.
+        await self.server.stop(delay_s=0)
         if self._listener is not None:
             asyncio.get_running_loop().remove_reader(self._listener.fileno())
             self._listener.close()

@@ -41,14 +41,11 @@ def message_of(error: Pt2ServeError) -> str:
 
 
 class CallsInFlight:
-    """The unary-response calls inside their handlers, and how many have begun.
-
-    Shutdown waits with `wait_quiet` before closing the listener: gRPC cancels the
-    calls it holds when the server stops, and clients do not retry CANCELLED, while
-    a draining server answers UNAVAILABLE, which they do. Response streams are not
-    counted: they may stay open as long as their client likes (health Watch, an idle
-    RunStream), and their requests are drained by the model manager. Per call this is
-    two integer updates; the clock is read only while waiting.
+    """The calls inside their handlers that shutdown waits for: unary calls and
+    inference streams. Streams that may stay open for as long as their client likes
+    and carry no inference (health's Watch, reflection) are not counted
+    (`service/calls.py`, `LINGERING`): once everything counted is answered, they are
+    cancelled. Per call this is two integer updates.
     """
 
     def __init__(self) -> None:
@@ -65,23 +62,18 @@ class CallsInFlight:
         if self.count == 0 and self._idle is not None:
             self._idle.set()
 
-    async def wait_quiet(self, quiet_s: float, deadline: float) -> bool:
-        """Return True once no call is in a handler and none began during `quiet_s`
-        (clients have moved away); False if the monotonic `deadline` came first."""
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
+    async def wait_idle(self, deadline: float) -> bool:
+        """Return True once no counted call is in a handler; False if the monotonic
+        `deadline` came first."""
+        while self.count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 return False
-            if self.count:
-                self._idle = asyncio.Event()
-                try:
-                    await asyncio.wait_for(self._idle.wait(), deadline - now)
-                except TimeoutError:
-                    return False
-                finally:
-                    self._idle = None
-                continue
-            started = self.started
-            await asyncio.sleep(min(quiet_s, deadline - now))
-            if self.started == started and not self.count and time.monotonic() - now >= quiet_s:
-                return True
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), remaining)
+            except TimeoutError:
+                return False
+            finally:
+                self._idle = None
+        return True

@@ -32,7 +32,8 @@ from pt2serve.service.health import ModelHealth
 from pt2serve.service.metrics import GrpcMetrics, Metrics
 from pt2serve.service.remote import EnginePlane
 from pt2serve.service.security import read_token
-from pt2serve.service.server import DRAIN_QUIET_S, add_services, listen, log_listening, new_grpc_server
+from pt2serve.service.server import add_services, listen, log_listening, new_grpc_server
+from pt2serve.service.shutdown import drain_delay, goaway_and_finish
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class FrontEnd:
         )
         token = read_token(cfg.management_token_file)
         server = new_grpc_server(cfg)
-        policy = CallPolicy(self._grpc_metrics, token, self._calls)
+        policy = CallPolicy(self._grpc_metrics, token, self._calls, self.draining)
         registrar: Any = Registrar(server, policy, self._substitute)
         add_services(
             registrar, ModelManager(), self.plane, cfg, self.health, self.draining, lambda: self.plane.ready
@@ -82,26 +83,28 @@ class FrontEnd:
         self._spawn(StarvationProbe(self.plane.set_starved).run())
         return self.port
 
-    async def stop(self) -> None:
-        """Drain: NOT_SERVING, new requests refused with UNAVAILABLE, streams end after
-        answering what they read; then wait for the engine's answers to every request
-        accepted here (within the grace), and close."""
-        deadline = time.monotonic() + self.config.drain_grace_s
-        self.plane.closing = True
-        self.draining.set()
-        await self._sync_health()
+    async def stop(self, hurry: asyncio.Event | None = None) -> None:
+        """Shut down as service/shutdown.py describes (`hurry` ends the drain delay);
+        then wait for the engine's answers to every request accepted here (within
+        the grace), and close."""
+        cfg = self.config
+        await self.health.set_draining()
         try:
-            if not await self.plane.wait_idle(deadline):
-                log.warning("drain grace over with %d request(s) unanswered", self.plane.in_flight)
-            await self._calls.wait_quiet(DRAIN_QUIET_S, deadline)
+            await drain_delay(cfg.drain_delay_s, hurry)
         finally:
-            if self._server is not None:
-                await self._server.stop(max(deadline - time.monotonic(), 0.0))
-            self._stop.set()
-            for task in self._tasks:
-                task.cancel()
-            if self._channel is not None:
-                await self._channel.close(None)
+            deadline = time.monotonic() + cfg.drain_grace_s
+            try:
+                if self._server is not None:
+                    await goaway_and_finish(self._server, self._calls, self.draining, cfg.drain_grace_s)
+                self.plane.closing = True
+                if not await self.plane.wait_idle(deadline):
+                    log.warning("drain grace over with %d request(s) unanswered", self.plane.in_flight)
+            finally:
+                self._stop.set()
+                for task in self._tasks:
+                    task.cancel()
+                if self._channel is not None:
+                    await self._channel.close(None)
 
     async def wait_ready(self) -> None:
         """Until the engine has first told this front end that it is ready."""

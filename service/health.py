@@ -18,17 +18,29 @@ READINESS = "readiness"
 class ModelHealth:
     def __init__(self) -> None:
         self.servicer = health_aio.HealthServicer()
+        self._models: set[str] = set()
+        # Once shutdown begins, nothing but liveness is SERVING again.
+        self._draining = False
 
     async def set_alive(self) -> None:
         await self.servicer.set(LIVENESS, _status(True))
 
     async def set_server(self, serving: bool) -> None:
-        status = _status(serving)
+        status = _status(serving and not self._draining)
         for service in ("", READINESS, *SERVICES):
             await self.servicer.set(service, status)
 
     async def set_serving(self, model: str, serving: bool) -> None:
-        await self.servicer.set(model, _status(serving))
+        self._models.add(model)
+        await self.servicer.set(model, _status(serving and not self._draining))
+
+    async def set_draining(self) -> None:
+        """Shutdown has begun: the server, readiness and every model NOT_SERVING for
+        good; liveness stays SERVING until the process exits."""
+        self._draining = True
+        await self.set_server(False)
+        for model in self._models:
+            await self.servicer.set(model, _status(False))
 
 
 def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:

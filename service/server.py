@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,12 +29,9 @@ from pt2serve.service.pb import grpc_service_pb2_grpc as v2_grpc
 from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
 from pt2serve.service.security import read_token, server_credentials
 from pt2serve.service.servicer import InferenceServicer, ModelLoaderServicer
+from pt2serve.service.shutdown import drain_delay, goaway_and_finish
 
 log = logging.getLogger(__name__)
-# While draining, the listener closes once no unary call has arrived for this long:
-# closing it under traffic makes gRPC cancel the calls it holds (CANCELLED, which
-# clients do not retry), while the draining server answers UNAVAILABLE (retried).
-DRAIN_QUIET_S = 0.25
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
@@ -77,7 +73,8 @@ class Pt2Server:
         self._server: grpc.aio.Server | None = None
         self._calls = CallsInFlight()
         self._probe: asyncio.Future[None] | None = None
-        # Set when shutdown begins: inference streams stop reading and end UNAVAILABLE.
+        # Set at the GOAWAY (service/shutdown.py): inference streams stop reading and
+        # end UNAVAILABLE, health Watch streams end.
         self.draining = asyncio.Event()
 
     async def start(self) -> int:
@@ -89,7 +86,7 @@ class Pt2Server:
         server = new_grpc_server(cfg)
         # Every method is wrapped once, at registration (service/calls.py): no
         # per-call interceptors.
-        registrar: Any = Registrar(server, CallPolicy(self._grpc_metrics, token, self._calls))
+        registrar: Any = Registrar(server, CallPolicy(self._grpc_metrics, token, self._calls, self.draining))
         add_services(
             registrar,
             self.manager,
@@ -117,27 +114,28 @@ class Pt2Server:
         self._probe = asyncio.ensure_future(probe.run())
         return self.port
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        """Drain, then close: readiness turns NOT_SERVING; queued and running requests
-        finish within the grace while new ones are refused with UNAVAILABLE (clients
-        retry those elsewhere); inference streams stop reading, answer what they read
-        and end with UNAVAILABLE (clients send the rest on a new stream); the listener
-        stays open until no call has arrived for DRAIN_QUIET_S (or the grace is over),
-        and only then closes. The listener is closed even if draining fails."""
-        grace = self.config.drain_grace_s if grace_s is None else grace_s
-        deadline = time.monotonic() + grace
+    async def stop(
+        self, grace_s: float | None = None, delay_s: float | None = None, hurry: asyncio.Event | None = None
+    ) -> None:
+        """Shut down as service/shutdown.py describes: NOT_SERVING at once; serve on
+        for the drain delay (`hurry` ends it); then GOAWAY, the calls in handlers
+        finish within the grace, and the models close. Defaults: the config's
+        `drain_grace_s` and `drain_delay_s`. The listener is closed even if a step
+        fails."""
+        cfg = self.config
+        grace = cfg.drain_grace_s if grace_s is None else grace_s
         self.ready = False
         if self._probe is not None:
             self._probe.cancel()
-        self.draining.set()
         try:
-            await self.health.set_server(False)
-            await self.manager.close(grace)
-            if not await self._calls.wait_quiet(DRAIN_QUIET_S, deadline):
-                log.info("drain grace over: closing with %d call(s) in handlers", self._calls.count)
+            await self.health.set_draining()
+            await drain_delay(cfg.drain_delay_s if delay_s is None else delay_s, hurry)
         finally:
             if self._server is not None:
-                await self._server.stop(max(deadline - time.monotonic(), 0.0))
+                await goaway_and_finish(self._server, self._calls, self.draining, grace)
+            else:
+                self.draining.set()
+        await self.manager.close(grace)
         data = self.manager.data
         log.info(
             "stopped: %d requests accepted, %d answered, %d succeeded",

@@ -11,8 +11,10 @@ and N front-end processes sharing the gRPC port (SO_REUSEPORT, which grpc sets).
   is away, front ends answer UNAVAILABLE and report NOT_SERVING; models loaded at run
   time through LoadModel are not loaded again by a restarted engine, the configured
   ones are.
-- SIGTERM (or SIGINT): the front ends drain first (NOT_SERVING, refuse new work,
-  finish what they accepted), then the engine stops; the parent exits 0.
+- SIGTERM (or SIGINT): the front ends shut down first, each as service/shutdown.py
+  says (NOT_SERVING, the drain delay, GOAWAY, calls in progress finish); then the
+  engine stops; the parent exits 0. A second signal is passed on: it ends the
+  front ends' drain delay.
 - Every child gets PROMETHEUS_MULTIPROC_DIR, a directory in the run directory: the
   engine serves /metrics for all of them (service/engine.py).
 """
@@ -35,6 +37,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pt2serve.service.config import ServerConfig, default_frontends, default_intra_op_threads, usable_cpus
+from pt2serve.service.shutdown import StopSignals
 
 log = logging.getLogger("pt2serve.supervisor")
 NOTIFY_ENV = "PT2SERVE_NOTIFY_FD"
@@ -148,10 +151,8 @@ async def supervise(config: ServerConfig, argv: Sequence[str], frontends: int) -
     engine = Child("engine", [*common, "--role", "engine"], engine_env)
     fronts = [Child(f"frontend {i}", [*common, "--role", "frontend"], front_env) for i in range(frontends)]
     children = [engine, *fronts]
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
+    signals = StopSignals()
+    stopping = signals.begun
     try:
         for child in children:
             await child.start()
@@ -176,10 +177,16 @@ async def supervise(config: ServerConfig, argv: Sequence[str], frontends: int) -
         else:
             ready.cancel()
         await stopping.wait()
-        log.info("shutting down: front ends drain first (up to %.0fs), then the engine", config.drain_grace_s)
+        log.info(
+            "shutting down: front ends first (drain delay %.1fs, grace %.1fs), then the engine",
+            config.drain_delay_s,
+            config.drain_grace_s,
+        )
         for child in fronts:
             child.signal(signal.SIGTERM)
+        hurry = asyncio.ensure_future(_pass_on(signals.hurry, fronts))
         await asyncio.gather(*(_exited(c) for c in fronts))
+        hurry.cancel()
         engine.signal(signal.SIGTERM)
         await _exited(engine)
         for watcher in watchers:
@@ -195,6 +202,13 @@ async def supervise(config: ServerConfig, argv: Sequence[str], frontends: int) -
         if holder is not None:
             holder.close()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+async def _pass_on(hurry: asyncio.Event, fronts: list[Child]) -> None:
+    """A second signal to the parent ends the front ends' drain delay."""
+    await hurry.wait()
+    for child in fronts:
+        child.signal(signal.SIGTERM)
 
 
 def _clean(child: Child) -> int | None:
@@ -279,10 +293,7 @@ async def run_server(config: ServerConfig) -> None:
 
     apply_intra_op_threads(config, 0)
     server = Pt2Server(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    signals = StopSignals()
     metrics = None
     if config.metrics_port:
         metrics = start_metrics_server(config.host, config.metrics_port, server.registry)
@@ -298,10 +309,14 @@ async def run_server(config: ServerConfig) -> None:
             kind.__module__,
             kind.__name__,
         )
-        await stop.wait()
-        log.info("shutting down: draining for up to %.0fs", config.drain_grace_s)
+        await signals.wait()
+        log.info(
+            "shutting down: drain delay %.1fs, then up to %.1fs for calls in progress",
+            config.drain_delay_s,
+            config.drain_grace_s,
+        )
     finally:
-        await server.stop()
+        await server.stop(hurry=signals.hurry)
         if metrics is not None:
             metrics.shutdown()
 
@@ -340,27 +355,27 @@ async def run_frontend(config: ServerConfig, run_dir: pathlib.Path) -> None:
     die_with_parent()
     multiprocess_values()
     front = FrontEnd(config, run_dir)
-    stop = _stop_on_sigterm()
+    signals = _stop_on_sigterm()
     try:
         await front.start()
         tune_process(config.gil_switch_interval_us, config.gc_gen0_threshold)
         waiting = asyncio.ensure_future(front.wait_ready())
-        await asyncio.wait([waiting, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        stopping = asyncio.ensure_future(signals.wait())
+        await asyncio.wait([waiting, stopping], return_when=asyncio.FIRST_COMPLETED)
         if waiting.done():
             notify("ready")
         else:
             waiting.cancel()
-        await stop.wait()
-        log.info("front end draining")
+        await signals.wait()
+        log.info("front end shutting down")
     finally:
-        await front.stop()
+        await front.stop(signals.hurry)
 
 
-def _stop_on_sigterm() -> asyncio.Event:
-    """SIGTERM stops a child; SIGINT (a terminal's Ctrl-C reaches the whole process
-    group) is left to the parent, which stops the children in order."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, lambda: None)
-    return stop
+def _stop_on_sigterm() -> StopSignals:
+    """SIGTERM stops a child (a second one ends its drain delay); SIGINT (a
+    terminal's Ctrl-C reaches the whole process group) is left to the parent, which
+    stops the children in order."""
+    signals = StopSignals((signal.SIGTERM,))
+    asyncio.get_running_loop().add_signal_handler(signal.SIGINT, lambda: None)
+    return signals

@@ -62,12 +62,14 @@ def test_deployment_probes_drain_and_security(overlay: str, tmp_path: pathlib.Pa
         probes["readinessProbe"]["service"] == "readiness"
         and probes["livenessProbe"]["service"] == "liveness"
     )
-    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    # The drain delay is the server's own (service/shutdown.py), not a preStop sleep.
+    assert "lifecycle" not in container
     (configmap,) = by_kind(docs, "ConfigMap")
     (tmp_path / "config.toml").write_text(configmap["data"]["config.toml"])
     config = load_config(tmp_path / "config.toml")  # the server accepts the shipped config
     assert config.grpc_port == grpc_port and config.max_connection_age_s > 0
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + config.drain_grace_s
+    assert config.drain_delay_s >= 5
+    assert pod["terminationGracePeriodSeconds"] > config.drain_delay_s + config.drain_grace_s
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False

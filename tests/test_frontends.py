@@ -335,10 +335,12 @@ def test_sigterm_drains_front_ends_then_the_engine(packages: Packages, tmp_path:
             code = replica.proc.wait(timeout=LIMIT_S)
         assert code == 0, replica.log.read_text()
         assert load.wrong == 0
-        # Refused while draining (retried elsewhere by real clients), nothing else.
-        assert set(load.codes) <= {"UNAVAILABLE"}, (load.codes, replica.log.read_text())
+        # After the GOAWAY a lone server's callers fail to connect (UNAVAILABLE from
+        # the client library), or a call caught in gRPC's window ends CANCELLED
+        # (docs/deploy.md); none is refused for draining (tests/test_drain.py).
+        assert set(load.codes) <= {"UNAVAILABLE", "CANCELLED"}, (load.codes, replica.log.read_text())
         log = replica.log.read_text()
-        assert "front ends drain first" in log
+        assert "shutting down: front ends first" in log
         assert "'engine': 0, 'frontend 0': 0, 'frontend 1': 0" in log
     finally:
         replica.kill()
