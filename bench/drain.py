@@ -3,6 +3,8 @@
     python -m bench.drain                      # both scenarios, 3 rounds each
     python -m bench.drain --scenario l4 --rounds 5
 
+Prints each round, and writes the totals to docs/benchmarks-drain.md (`--out`).
+
 Servers, taking turns in each round: pt2serve in its default layout (front ends and
 an engine), pt2serve in one process (`--frontends 0`), and the plain grpc.aio server
 of bench/null_server.py, whose SIGTERM handler sets health NOT_SERVING and calls
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import datetime
 import os
 import pathlib
 import signal
@@ -30,7 +33,7 @@ import grpc
 import torch
 
 from bench.l4 import Replica, Tally, rolling_restart
-from bench.run import CACHE, server_process
+from bench.run import CACHE, ROOT, server_process
 from pt2serve.service import tensors
 from pt2serve.service.demo import demo_package
 from pt2serve.service.pb import pt2serve_pb2 as pb
@@ -72,7 +75,7 @@ async def single_round(target: str, pid: int, callers: int) -> collections.Count
     return outcomes
 
 
-def single(rounds: int, callers: int, env: dict[str, str]) -> None:
+def single(rounds: int, callers: int, env: dict[str, str]) -> dict[str, Tally]:
     totals = {name: Tally() for name in SERVERS}
     for round_ in range(1, rounds + 1):
         for name, (argv, ready) in SERVERS.items():
@@ -84,9 +87,10 @@ def single(rounds: int, callers: int, env: dict[str, str]) -> None:
             print(f"single round {round_}, {name}: {tally.line()}")
     for name, tally in totals.items():
         print(f"single total, {name}: {tally.line()}")
+    return totals
 
 
-def l4(rounds: int, callers: int, env: dict[str, str]) -> None:
+def l4(rounds: int, callers: int, env: dict[str, str]) -> dict[str, Tally]:
     totals = {name: Tally() for name in SERVERS}
     for round_ in range(1, rounds + 1):
         for name, (argv, ready) in SERVERS.items():
@@ -98,6 +102,28 @@ def l4(rounds: int, callers: int, env: dict[str, str]) -> None:
             print(f"l4 round {round_}, {name}: {report.tally.line()}; exit codes {report.exit_codes}")
     for name, tally in totals.items():
         print(f"l4 total, {name}: {tally.line()}")
+    return totals
+
+
+CODES = ("OK", "UNAVAILABLE", "CANCELLED")
+
+
+def report(sections: dict[str, dict[str, Tally]], rounds: int) -> str:
+    lines = [
+        "# Shutdown under load",
+        "",
+        f"Written by `python -m bench.drain` ({datetime.date.today()}, {os.cpu_count()} CPUs, "
+        f"{rounds} rounds, the servers taking turns; totals over the rounds). What the",
+        "scenarios are: bench/drain.py; what the design is: docs/deploy.md (Shutdown).",
+    ]
+    for title, totals in sections.items():
+        lines += ["", f"## {title}", "", "| server | calls | failed | " + " | ".join(CODES) + " | other |"]
+        lines.append("|---|---|---|" + "---|" * (len(CODES) + 1))
+        for name, tally in totals.items():
+            other = tally.calls - sum(tally.codes[c] for c in CODES)
+            cells = " | ".join(f"{tally.codes[c]:,}" for c in CODES)
+            lines.append(f"| {name} | {tally.calls:,} | {tally.failed:,} | {cells} | {other:,} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
@@ -107,13 +133,20 @@ def main() -> int:
     parser.add_argument("--scenario", choices=["l4", "single", "both"], default="both")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--callers", type=int, help="default: 8 (l4), 32 (single)")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-drain.md"))
     args = parser.parse_args()
     demo_package(CACHE)
     env = {**os.environ, "PT2SERVE_CACHE_DIR": str(CACHE), "PYTHONUNBUFFERED": "1"}
+    sections = {}
     if args.scenario in ("l4", "both"):
-        l4(args.rounds, args.callers or 8, env)
+        callers = args.callers or 8
+        title = f"Rolling restart behind haproxy (L4), {callers} plain tritonclient callers"
+        sections[title] = l4(args.rounds, callers, env)
     if args.scenario in ("single", "both"):
-        single(args.rounds, args.callers or 32, env)
+        callers = args.callers or 32
+        title = f"One server, {callers} callers that never back off, SIGTERM"
+        sections[title] = single(args.rounds, callers, env)
+    pathlib.Path(args.out).write_text(report(sections, args.rounds))
     return 0
 
 

@@ -99,20 +99,25 @@ def _adopt(handles: Sequence[int]) -> list[torch.Tensor]:
 
 
 EXTRACT_PREFIX = "pt2serve-"
+# A supervisor's run directory (service/supervisor.py): `pt2serve-run-<pid>-<random>`.
+RUN_PREFIX = "pt2serve-run-"
 
 
 def clean_stale_extractions(directory: str | None = None) -> list[str]:
-    """Remove the extraction dirs of pt2serve processes that no longer run (a process
-    killed with SIGKILL cannot clean up). Returns the removed paths."""
+    """Remove the extraction dirs and run dirs of pt2serve processes that no longer
+    run (a process killed with SIGKILL cannot clean up), matched by the owner's pid
+    in the name; never a live process's. Returns the removed paths."""
     removed = []
     base = directory or tempfile.gettempdir()
     for entry in os.scandir(base):
         name = entry.name
         if not (entry.is_dir(follow_symlinks=False) and name.startswith(EXTRACT_PREFIX)):
             continue
-        # Only `pt2serve-<pid>-<random>`, as extract_model_files names them: never
-        # another pt2serve directory whose random part happens to be all digits.
-        pid_text, dash, _ = name[len(EXTRACT_PREFIX) :].partition("-")
+        # Only `pt2serve-<pid>-<random>`, as extract_model_files names them, and
+        # `pt2serve-run-<pid>-<random>`: never another pt2serve directory whose
+        # random part happens to be all digits.
+        owned = name[len(RUN_PREFIX) :] if name.startswith(RUN_PREFIX) else name[len(EXTRACT_PREFIX) :]
+        pid_text, dash, _ = owned.partition("-")
         if not (dash and pid_text.isdigit()) or _alive(int(pid_text)):
             continue
         shutil.rmtree(entry.path, ignore_errors=True)

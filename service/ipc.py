@@ -10,16 +10,23 @@ how frames are cut and written, are in service/links.py.
 
 Frames (little-endian), each `u32 length` then the payload:
 
-    request   'R' u64 id, f64 deadline, f64 timeout (NaN: none), u16 priority,
-              str model, u8 n, n*str output, u8 n, n*(str name, tensor)
+    request   'R' u64 id, f64 deadline, f64 timeout (NaN: none), u64 priority,
+              str model, u32 n, n*str output, u32 n, n*(str name, tensor)
     cancel    'C' u64 id
-    result    'O' u64 id, u64 constants version, u8 n, n*(str name, tensor)
+    result    'O' u64 id, u64 constants version, u32 n, n*(str name, tensor)
     error     'E' u64 id, u8 error kind, str message (u32 length)
     state     'S' pickled EngineState (engine to front end, on connect and change)
     starved   'P' u8 0|1: the front end's event loop is (no longer) starved for CPU
               (service/contention.py), sent when that changes
 
-    str       u16 length, UTF-8;  tensor  u8 dtype, u8 ndim, ndim*i64, u64 nbytes, bytes
+    str       u32 length, UTF-8;  tensor  u8 dtype, u32 ndim, ndim*i64, u64 nbytes, bytes
+
+Every field a client's value can reach is wide enough for any value the client's
+message can carry, so no request fails in the codec (decided here, not where
+requests are checked): lengths and counts are u32 (a gRPC message is below 4 GiB;
+ids, constants versions and byte counts are u64; a priority is a protobuf uint32
+(pt2serve.v1) or uint64 (KServe), so u64; dims are protobuf int64, so i64; deadlines
+and timeouts are f64. The dtype code and error kind are the server's own.
 """
 
 from __future__ import annotations
@@ -52,13 +59,12 @@ from pt2serve.loader.schema import ModelSchema
 from pt2serve.service.links import LENGTH
 
 REQUEST, CANCEL, RESULT, ERROR, STATE, STARVED = b"R", b"C", b"O", b"E", b"S", b"P"
-_REQUEST = struct.Struct("<cQddH")
+_REQUEST = struct.Struct("<cQddQ")
 _ID = struct.Struct("<cQ")
 _RESULT = struct.Struct("<cQQ")
 _ERROR = struct.Struct("<cQB")
-_STR = struct.Struct("<H")
 _U32 = struct.Struct("<I")
-_COUNT = struct.Struct("<B")
+_STR = _COUNT = _U32
 _DTYPE_CODE = {t.torch: i for i, t in enumerate(TYPES)}
 _BFLOAT16 = _DTYPE_CODE[torch.bfloat16]
 _KINDS = tuple(ErrorKind)
@@ -106,7 +112,7 @@ def _head_struct(ndim: int) -> struct.Struct:
     """The struct of a tensor's head: dtype code, ndim, dims, nbytes."""
     packer = _HEADS.get(ndim)
     if packer is None:
-        packer = _HEADS[ndim] = struct.Struct(f"<BB{ndim}qQ")
+        packer = _HEADS[ndim] = struct.Struct(f"<BI{ndim}qQ")
     return packer
 
 
@@ -133,7 +139,7 @@ def _tensor_parts(tensor: torch.Tensor, code: int, head: bytes, parts: list[Any]
 
 
 def _framed_tensors(head: bytes, tensors: Mapping[str, AnyTensor], field: str) -> list[Any]:
-    """A frame of `head` then `u8 n, n*(str name, tensor)`: the length, then one
+    """A frame of `head` then `u32 n, n*(str name, tensor)`: the length, then one
     buffer of heads and one of bytes per tensor. InvalidInput naming `field` for a
     dtype the wire does not carry."""
     head += _COUNT.pack(len(tensors))
@@ -162,20 +168,25 @@ def _framed_tensors(head: bytes, tensors: Mapping[str, AnyTensor], field: str) -
 
 def _text_at(frame: bytearray, at: int) -> tuple[str, int]:
     (size,) = _STR.unpack_from(frame, at)
-    start = at + 2
+    start = at + _STR.size
     return frame[start : start + size].decode(), start + size
 
 
+def _count_at(frame: bytearray, at: int) -> tuple[int, int]:
+    (count,) = _COUNT.unpack_from(frame, at)
+    return count, at + _COUNT.size
+
+
 def _named_tensors(frame: bytearray, at: int) -> dict[str, RawTensor]:
-    """The `u8 n, n*(str name, tensor)` that ends a request or a result, as
+    """The `u32 n, n*(str name, tensor)` that ends a request or a result, as
     RawTensors over `frame` (views, which keep it alive)."""
     view = memoryview(frame)
     tensors = {}
-    count = frame[at]
-    at += 1
+    count, at = _count_at(frame, at)
     for _ in range(count):
         name, at = _text_at(frame, at)
-        head = _head_struct(frame[at + 1])
+        (ndim,) = _U32.unpack_from(frame, at + 1)
+        head = _head_struct(ndim)
         code, _, *shape, nbytes = head.unpack_from(frame, at)
         at += head.size
         tensors[name] = RawTensor(TYPES[code].torch, tuple(shape), view[at : at + nbytes])
@@ -222,8 +233,7 @@ def unpack_request(frame: bytearray) -> Request:
     _, request_id, deadline, timeout_s, priority = _REQUEST.unpack_from(frame, 0)
     model, at = _text_at(frame, _REQUEST.size)
     outputs: tuple[str, ...] = ()
-    count = frame[at]
-    at += 1
+    count, at = _count_at(frame, at)
     for _ in range(count):
         name, at = _text_at(frame, at)
         outputs += (name,)

@@ -133,9 +133,9 @@ def reserve_port(host: str, port: int) -> tuple[socket.socket | None, int]:
 
 
 async def supervise(config: ServerConfig, argv: Sequence[str], frontends: int) -> int:
-    # Mode 0700. Not `pt2serve-<digits>-`: that is a model extraction's name, which
-    # any pt2serve process removes once its pid is gone (loader/native.py).
-    run_dir = pathlib.Path(tempfile.mkdtemp(prefix="pt2serve-run-"))
+    # Mode 0700, named for this process: a server that starts after this one was
+    # SIGKILLed removes it once the pid is gone (loader/native.py).
+    run_dir = pathlib.Path(tempfile.mkdtemp(prefix=f"pt2serve-run-{os.getpid()}-"))
     metrics_dir = run_dir / "metrics"
     metrics_dir.mkdir()
     holder, port = reserve_port(config.host, config.grpc_port)

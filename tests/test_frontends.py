@@ -196,6 +196,10 @@ def test_bad_requests_are_refused_by_name_and_serving_goes_on(server: Replica) -
             native.Run(run_request("nope", x=torch.randn(2, 16)), timeout=30)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
         assert "'nope'" in (info.value.details() or "")
+        # Past every fixed width of the engine's frames (service/ipc.py).
+        with pytest.raises(grpc.RpcError) as info:
+            native.Run(run_request("m" * 200_000, x=torch.randn(2, 16)), timeout=30)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND, info.value.details()
         x = torch.randn(2, 16)
         torch.testing.assert_close(
             outputs_of(native.Run(run_request("demo", x=x), timeout=30))["logits"], demo_answer(x)

@@ -60,7 +60,7 @@ def framed(parts: list[object]) -> bytearray:
 @settings(max_examples=100, deadline=None)
 @given(
     shapes=st.lists(st.tuples(st.integers(0, len(TYPES) - 1), SHAPES), min_size=0, max_size=3),
-    priority=st.integers(0, 3),
+    priority=st.integers(0, 2**64 - 1),
     timeout=st.one_of(st.none(), st.floats(0.001, 100)),
     deadline=st.one_of(st.none(), st.floats(0, 1e6)),
 )
@@ -87,6 +87,21 @@ def test_requests_and_results_cross_unchanged(
     request_id, version, answers = ipc.unpack_raw_result(framed(ipc.pack_result(9, 3, inputs)))
     assert (request_id, version, list(answers)) == (9, 3, list(inputs))
     assert answers == raw
+
+
+def test_client_values_past_every_narrow_width_cross_unchanged() -> None:
+    """What a client controls is carried in fields wide enough for any value its
+    message can hold: here past a u16 length, a u8 count, a u8 ndim."""
+    model = "é" * 40_000  # 80,000 bytes
+    outputs = tuple(f"out{i}" for i in range(300))
+    deep = RawTensor(torch.float32, (1,) * 300, bytes(4))
+    inputs = {f"in{i}": RawTensor(torch.int8, (1,), b"\1") for i in range(300)} | {"deep": deep}
+    parts = ipc.pack_request(
+        1, model, inputs, priority=2**64 - 1, timeout_s=None, deadline=None, output_names=outputs
+    )
+    request = ipc.unpack_request(framed(parts))
+    assert (request.model, request.priority, request.output_names) == (model, 2**64 - 1, outputs)
+    assert request.inputs == inputs
 
 
 @given(kind=st.sampled_from(list(ErrorKind)), message=st.text(max_size=300))

@@ -133,16 +133,19 @@ def test_native_runs_from_several_threads(packages: Packages) -> None:
     package.close()
 
 
-def test_stale_extractions_of_dead_processes_are_removed(tmp_path: pathlib.Path) -> None:
+def test_stale_extractions_and_run_dirs_of_dead_processes_are_removed(tmp_path: pathlib.Path) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale = tmp_path / f"pt2serve-{dead.pid}-abc"
+    stale_run = tmp_path / f"pt2serve-run-{dead.pid}-xyz"
     live = tmp_path / f"pt2serve-{os.getpid()}-def"
+    live_run = tmp_path / f"pt2serve-run-{os.getpid()}-uvw"
     unrelated = tmp_path / "pt2serve-notapid"
-    # A supervisor's run directory (mkdtemp) whose random part came out all digits.
+    # A directory whose random part came out all digits, with no owner in its name.
     digits = tmp_path / f"pt2serve-{dead.pid}"
-    for path in (stale, live, unrelated, digits):
+    for path in (stale, stale_run, live, live_run, unrelated, digits):
         path.mkdir()
         (path / "model.so").write_bytes(b"x")
-    assert clean_stale_extractions(str(tmp_path)) == [str(stale)]
-    assert not stale.exists() and live.exists() and unrelated.exists() and digits.exists()
+    assert sorted(clean_stale_extractions(str(tmp_path))) == sorted([str(stale), str(stale_run)])
+    assert not stale.exists() and not stale_run.exists()
+    assert live.exists() and live_run.exists() and unrelated.exists() and digits.exists()
