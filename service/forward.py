@@ -4,7 +4,10 @@ answer or status back unchanged."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -27,6 +30,12 @@ LOCAL_METHODS = frozenset(
 LOCAL_PREFIX = "/grpc."
 
 
+# Client-stream messages buffered on their way to the engine (at most a few MiB:
+# LoadConstants sends 1 MiB chunks).
+FEED_DEPTH = 4
+POLL_S = 0.05
+
+
 def served_here(method: str) -> bool:
     return method in LOCAL_METHODS or method.startswith(LOCAL_PREFIX)
 
@@ -35,9 +44,15 @@ def _forwarded_metadata(context: Any) -> list[tuple[str, Any]]:
     return [(k, v) for k, v in context.invocation_metadata() or () if not k.startswith(":")]
 
 
-def forwarding(method: str, handler: Any, channel_of: Callable[[], grpc.aio.Channel | None]) -> Any:
+def forwarding(
+    method: str,
+    handler: Any,
+    channel_of: Callable[[], grpc.aio.Channel | None],
+    blocking_of: Callable[[], grpc.Channel | None],
+) -> Any:
     """A handler of `handler`'s kind that passes the call's bytes to the engine and
-    its answer (or status) back."""
+    its answer (or status) back: on `channel_of()`, or for client streams on the
+    blocking `blocking_of()`."""
 
     def call_options(context: Any) -> dict[str, Any]:
         return {"metadata": _forwarded_metadata(context), "timeout": context.time_remaining()}
@@ -56,13 +71,52 @@ def forwarding(method: str, handler: Any, channel_of: Callable[[], grpc.aio.Chan
         return answer
 
     async def stream_unary(requests: AsyncIterator[bytes], context: Any) -> bytes:
+        # gRPC's asyncio client turns a write that races the engine's answer (a
+        # refusal after the first message) into INTERNAL, hiding the engine's status;
+        # its blocking client does not. So a client stream is passed on by a blocking
+        # call on a worker thread, fed through a small queue.
+        blocking = blocking_of()
+        if blocking is None:
+            raise Unavailable("the server is starting")
+        feed: queue.Queue[bytes | None] = queue.Queue(maxsize=FEED_DEPTH)
+        over = threading.Event()  # the engine answered, or the client went away
+
+        def messages() -> Iterator[bytes]:  # on gRPC's thread
+            while True:
+                try:
+                    message = feed.get(timeout=POLL_S)
+                except queue.Empty:
+                    if over.is_set():
+                        return
+                    continue
+                if message is None:
+                    return
+                yield message
+
+        def put(message: bytes | None) -> bool:  # on a worker thread
+            while not over.is_set():
+                try:
+                    feed.put(message, timeout=POLL_S)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        forwarded = blocking.stream_unary(method, None, None).future(messages(), **call_options(context))
+        forwarded.add_done_callback(lambda _: over.set())
         try:
-            answer: bytes = await channel().stream_unary(method, None, None)(
-                requests, **call_options(context)
-            )
-        except grpc.aio.AioRpcError as exc:
+            async for message in requests:
+                if not await asyncio.to_thread(put, message):
+                    break  # answered before the client's stream ended
+            else:
+                await asyncio.to_thread(put, None)
+            answer: bytes = await asyncio.to_thread(forwarded.result)
+            return answer
+        except grpc.RpcError as exc:
             raise Forwarded(exc.code(), exc.details() or "") from None
-        return answer
+        finally:
+            over.set()
+            forwarded.cancel()  # type: ignore[no-untyped-call]  # nothing if over; else the client left
 
     async def unary_stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
         try:

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from pt2serve.scheduler.manager import ModelManager
 from pt2serve.service.calls import CallPolicy, Registrar
@@ -45,7 +45,13 @@ class FrontEnd:
         self.config = config
         self.run_dir = run_dir
         registry = CollectorRegistry()  # values reach /metrics through the multiprocess files
-        self.plane = EnginePlane(Metrics(registry))
+        unexpected = Counter(
+            "pt2serve_frontend_unexpected_answers",
+            "Answers from the engine for a request id this front end was not waiting for "
+            "(never sent, or answered already); always 0 unless something is wrong.",
+            registry=registry,
+        )
+        self.plane = EnginePlane(Metrics(registry), unexpected.inc)
         self.plane.changed = self._state_changed
         self._grpc_metrics = GrpcMetrics(registry)
         self.health = ModelHealth()
@@ -54,6 +60,7 @@ class FrontEnd:
         self._stop = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self._channel: grpc.aio.Channel | None = None
+        self._blocking: grpc.Channel | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._models: set[str] = set()
         self._became_ready = asyncio.Event()
@@ -62,10 +69,9 @@ class FrontEnd:
     async def start(self) -> int:
         cfg = self.config
         size = cfg.max_message_bytes
-        self._channel = grpc.aio.insecure_channel(
-            grpc_address(self.run_dir),
-            options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
-        )
+        options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+        self._channel = grpc.aio.insecure_channel(grpc_address(self.run_dir), options=options)
+        self._blocking = grpc.insecure_channel(grpc_address(self.run_dir), options=options)
         token = read_token(cfg.management_token_file)
         server = new_grpc_server(cfg)
         policy = CallPolicy(self._grpc_metrics, token, self._calls, self.draining)
@@ -105,6 +111,8 @@ class FrontEnd:
                     task.cancel()
                 if self._channel is not None:
                     await self._channel.close(None)
+                if self._blocking is not None:
+                    self._blocking.close()
 
     async def wait_ready(self) -> None:
         """Until the engine has first told this front end that it is ready."""
@@ -134,4 +142,4 @@ class FrontEnd:
     def _substitute(self, method: str, handler: Any) -> Any:
         if served_here(method):
             return handler
-        return forwarding(method, handler, lambda: self._channel)
+        return forwarding(method, handler, lambda: self._channel, lambda: self._blocking)

@@ -7,6 +7,7 @@ sent; the engine answers each on the connection it came from.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import itertools
 import logging
@@ -21,6 +22,10 @@ from pt2serve.service import ipc, links
 
 log = logging.getLogger(__name__)
 RECONNECT_S = 0.05
+# Ids of requests withdrawn (cancelled) while the engine had them, whose answer may
+# still arrive: remembered this many deep, so that any other answer for an id that
+# is not waiting is known to be one this front end never expected.
+WITHDRAWN_KEPT = 1 << 16
 
 
 class _Pending:
@@ -59,8 +64,12 @@ class EnginePlane:
     """The data plane of a front end: `infer` and `submit` as `DataPlane` has them,
     answered by the engine process."""
 
-    def __init__(self, telemetry: Telemetry) -> None:
+    def __init__(self, telemetry: Telemetry, unexpected: Callable[[], None] = lambda: None) -> None:
+        """`unexpected` counts an answer for an id that is not waiting and was not
+        withdrawn: never sent, or answered already (the engine answers each once)."""
         self.state = ipc.EngineState()
+        self._unexpected = unexpected
+        self._withdrawn: collections.OrderedDict[int, None] = collections.OrderedDict()
         # Set while draining: new requests are refused with UNAVAILABLE.
         self.closing = False
         self._telemetry = telemetry
@@ -138,6 +147,9 @@ class EnginePlane:
             return
         pending.future.cancel()
         if self._link is not None:
+            self._withdrawn[request_id] = None
+            if len(self._withdrawn) > WITHDRAWN_KEPT:
+                self._withdrawn.popitem(last=False)
             self._link.send(ipc.pack_cancel(request_id))
 
     def _pop(self, request_id: int) -> _Pending | None:
@@ -148,8 +160,13 @@ class EnginePlane:
 
     def answered(self, request_id: int, outcome: InferenceResult | Pt2ServeError) -> None:
         pending = self._pop(request_id)
-        if pending is not None:  # else withdrawn meanwhile
+        if pending is not None:
             _settle(pending, outcome)
+        elif request_id in self._withdrawn:  # its cancel came too late: answered anyway
+            del self._withdrawn[request_id]
+        else:
+            self._unexpected()
+            log.warning("the engine answered request %d, which this front end is not waiting for", request_id)
 
     def attach(self, link: _EngineLink) -> None:
         self._link = link
@@ -166,6 +183,7 @@ class EnginePlane:
         clients send it again (to this server once the engine is back, or another)."""
         self._link = None
         self.state = ipc.EngineState()
+        self._withdrawn.clear()  # a new engine knows none of them
         pending, self._pending = self._pending, {}
         self._idle.set()
         for entry in pending.values():

@@ -14,18 +14,21 @@ import pathlib
 import shutil
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from pt2serve.loader.build import build_package, cached_package
 from pt2serve.scheduler.manager import ModelConfig
 from pt2serve.service.config import ServerConfig
 from pt2serve.service.demo import demo_package
+from pt2serve.service.metrics import start_metrics_server
 from pt2serve.service.pb import pt2serve_pb2 as pb
 from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
 from pt2serve.service.server import Pt2Server
@@ -123,17 +126,77 @@ def packages() -> Packages:
     )
 
 
+# The process layouts every public-contract test runs on: the one-process server and
+# the engine behind front ends (the default on more than one CPU). A test of one
+# layout's own behaviour names it: @pytest.mark.layouts("one-process").
+LAYOUTS = ("one-process", "front-ends")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "layouts(*names): the process layouts a test using `running` runs on (default: all)"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "running" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("layouts")
+        layouts = marker.args if marker is not None else LAYOUTS
+        unknown = set(layouts) - set(LAYOUTS)
+        assert not unknown, f"unknown layouts {unknown}"
+        metafunc.parametrize("running", layouts, indirect=True)
+
+
 @dataclass
 class Running:
-    server: Pt2Server
+    """A server with the served models, on one layout, and a channel to it.
+    `server` is the in-process Pt2Server on the one-process layout, else None."""
+
+    layout: str
+    server: Pt2Server | None
     channel: grpc.aio.Channel
     loader: pb_grpc.ModelLoaderStub
     inference: pb_grpc.InferenceStub
     target: str
+    model_root: pathlib.Path
+    metrics_url: str
+    # The server's log file, where it runs in processes of its own (else None:
+    # its records reach pytest's caplog).
+    log: pathlib.Path | None = None
 
     def load_constants(self, *requests: pb.LoadConstantsRequest) -> Any:
         """The client-streaming LoadConstants call with the given messages."""
         return self.loader.LoadConstants(iter(requests))
+
+    @property
+    def in_process(self) -> Pt2Server:
+        assert self.server is not None, f"the {self.layout} layout has no in-process server"
+        return self.server
+
+    async def exposition(self) -> str:
+        """/metrics as Prometheus scrapes it (every process of the layout)."""
+        return await asyncio.to_thread(_scrape, self.metrics_url)
+
+    async def metrics(self) -> Callable[..., float | None]:
+        """One scrape of /metrics, read like `CollectorRegistry.get_sample_value`."""
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): float(sample.value)
+            for family in text_string_to_metric_families(await self.exposition())
+            for sample in family.samples
+        }
+
+        def value(name: str, labels: dict[str, str] | None = None) -> float | None:
+            return samples.get((name, tuple(sorted((labels or {}).items()))))
+
+        return value
+
+    async def metric(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        return (await self.metrics())(name, labels)
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return str(response.read().decode())
 
 
 def served_models(packages: Packages) -> tuple[ModelConfig, ...]:
@@ -144,24 +207,69 @@ def served_models(packages: Packages) -> tuple[ModelConfig, ...]:
     )
 
 
+def models_toml(models: tuple[ModelConfig, ...]) -> str:
+    return "".join(
+        f'[[models]]\nname = "{m.name}"\npath = "{m.package_path}"\nnum_runners = {m.num_runners}\n'
+        for m in models
+    )
+
+
 @pytest.fixture
-async def running(packages: Packages, tmp_path: pathlib.Path) -> AsyncIterator[Running]:
-    config = ServerConfig(grpc_port=0, metrics_port=0, model_root=str(CACHE), models=served_models(packages))
-    server = Pt2Server(config)
-    await server.start()
-    target = f"127.0.0.1:{server.port}"
+async def running(
+    request: pytest.FixtureRequest, packages: Packages, tmp_path: pathlib.Path
+) -> AsyncIterator[Running]:
+    layout: str = request.param
+    models = served_models(packages)
+    if layout == "one-process":
+        config = ServerConfig(grpc_port=0, metrics_port=0, model_root=str(CACHE), models=models)
+        server: Pt2Server | None = Pt2Server(config)
+        assert server is not None
+        await server.start()
+        metrics = start_metrics_server("127.0.0.1", 0, server.registry)
+        target = f"127.0.0.1:{server.port}"
+        metrics_url = f"http://127.0.0.1:{metrics.port}/metrics"
+        stop: Any = server.stop
+        log = None
+    else:
+        from tests.fleet import Replica  # the subprocess helpers
+
+        server, metrics = None, None
+        replica = Replica(
+            tmp_path / "server",
+            "front-ends",
+            f'frontends = 2\nmodel_root = "{CACHE}"\ndrain_grace_s = 5\n' + models_toml(models),
+        )
+        replica.start()
+        await asyncio.to_thread(replica.wait_ready)
+        target = replica.address
+        metrics_url = f"http://127.0.0.1:{replica.metrics_port}/metrics"
+        log = replica.log
+
+        async def stop(grace: float) -> None:
+            try:
+                code = await asyncio.to_thread(replica.stop)
+                assert code == 0, replica.log.read_text()[-3000:]
+            finally:
+                replica.kill()
+
     channel = grpc.aio.insecure_channel(target)
     try:
         yield Running(
+            layout,
             server,
             channel,
             pb_grpc.ModelLoaderStub(channel),
             pb_grpc.InferenceStub(channel),
             target,
+            CACHE,
+            metrics_url,
+            log,
         )
     finally:
         await channel.close()
-        await server.stop(0)
+        await stop(0)
+        if metrics is not None:
+            metrics.shutdown()
 
 
 @pytest.fixture

@@ -134,13 +134,12 @@ async def test_a_broken_upload_changes_nothing_and_cannot_be_swapped(running: Ru
     response = await running.inference.Run(run_request("demo", x=x))
     assert response.constants_version == 0
     torch.testing.assert_close(outputs_of(response)["logits"], demo_model()(x))
-    value = running.server.registry.get_sample_value
     labels = {"model": "demo", "operation": "load_constants", "outcome": "failure"}
-    assert value("pt2serve_constant_updates_total", labels) == 2
+    assert await running.metric("pt2serve_constant_updates_total", labels) == 2
 
 
 async def test_load_from_files_under_the_model_root(running: Running, tmp_path: pathlib.Path) -> None:
-    root = pathlib.Path(running.server.config.model_root)
+    root = running.model_root
     fqns = await constant_fqns(running)
     new = shifted_model(fqns, -0.2)
     weights_dir = pathlib.Path(tempfile.mkdtemp(prefix="weights-", dir=root))

@@ -56,7 +56,7 @@ async def served(running: Running, name: str, x: torch.Tensor) -> tuple[torch.Te
 
 
 def weights_dir(running: Running) -> pathlib.Path:
-    return pathlib.Path(tempfile.mkdtemp(prefix="weights-", dir=running.server.config.model_root))
+    return pathlib.Path(tempfile.mkdtemp(prefix="weights-", dir=running.model_root))
 
 
 async def swap_by_load_constants(running: Running, name: str, state: dict[str, torch.Tensor]) -> None:
@@ -138,6 +138,8 @@ async def test_staging_buffers_then_parameters_in_two_uploads(running: Running, 
     torch.testing.assert_close((await served(running, "norm", x))[0], new(x))
 
 
+# Runs each binding directly in process: one process only.
+@pytest.mark.layouts("one-process")
 async def test_both_bindings_swap_to_the_new_buffers(running: Running, packages: Packages) -> None:
     fqns = await load_norm(running, packages, name="normpair", devices=2)
     new = new_norm(fqns)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import pathlib
+import re
 import sys
 import textwrap
 from typing import Any
@@ -183,7 +184,9 @@ async def test_a_failed_reload_keeps_the_old_model(running: Running) -> None:
     kserve = v2_grpc.GRPCInferenceServiceStub(running.channel)
     broken = CACHE / "broken-for-reload.pt2"
     broken.write_bytes(b"not a zip archive")
-    old = running.server.manager.get("demo")
+    # In one process the model object itself can be compared; every layout checks
+    # that the old model goes on serving.
+    old = running.server.manager.get("demo") if running.server else None
     request = v2.RepositoryModelLoadRequest(model_name="demo")
     request.parameters["package_path"].string_param = broken.name
     try:
@@ -192,7 +195,8 @@ async def test_a_failed_reload_keeps_the_old_model(running: Running) -> None:
         )
     finally:
         broken.unlink()
-    assert running.server.manager.get("demo") is old
+    if running.server:
+        assert running.server.manager.get("demo") is old
     assert await health_of(running, "demo") == health_pb2.HealthCheckResponse.SERVING
     x = torch.randn(1, 16)
     response = await running.inference.Run(run_request("demo", x=x))
@@ -201,14 +205,15 @@ async def test_a_failed_reload_keeps_the_old_model(running: Running) -> None:
 
 async def test_a_reload_switches_without_failing_requests_in_flight(running: Running) -> None:
     kserve = v2_grpc.GRPCInferenceServiceStub(running.channel)
-    old = running.server.manager.get("demo")
+    loads = {"model": "demo", "outcome": "success"}
+    before = await running.metric("pt2serve_model_loads_total", loads)
     xs = [torch.randn(1, 16) for _ in range(40)]
     calls = [running.inference.Run(run_request("demo", x=x)) for x in xs[:20]]
     reload = kserve.RepositoryModelLoad(v2.RepositoryModelLoadRequest(model_name="demo"))
     calls += [running.inference.Run(run_request("demo", x=x)) for x in xs[20:]]
     responses = await asyncio.gather(*calls)
     await reload
-    assert running.server.manager.get("demo") is not old
+    assert await running.metric("pt2serve_model_loads_total", loads) == (before or 0) + 1
     eager = demo_model()
     for x, response in zip(xs, responses, strict=True):
         got = torch.frombuffer(bytearray(response.outputs["logits"].data), dtype=torch.float32).reshape(1, 4)
@@ -241,7 +246,8 @@ async def test_warm_up_fills_in_outputs_of_foreign_packages(
         run_request("foreign", input0=example["features"], input1=example["ids"])
     )
     assert list(response.outputs["output0"].shape) == [3, 5]
-    assert running.server.manager.get("foreign").scheduler.stats.requests == 1
+    counted = await running.metric("pt2serve_inference_requests_total", {"model": "foreign", "code": "OK"})
+    assert counted == 1
 
 
 # -------------------------------------------------------- quiet cancels
@@ -276,8 +282,12 @@ async def test_cancelled_streams_leave_no_error_in_the_log(
     response = await running.inference.Run(run_request("demo", x=torch.randn(1, 16)))
     assert response.outputs["logits"].shape == [1, 4]
     await asyncio.sleep(0)
-    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert not noisy, [r.getMessage() for r in noisy]
+    noisy = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    if running.log is not None:  # the front ends' and the engine's own log
+        noisy += [
+            line for line in running.log.read_text().splitlines() if not re.search(r" (INFO|DEBUG) ", line)
+        ]
+    assert not noisy, noisy[:10]
 
 
 # ------------------------------------------------------------ long values

@@ -8,7 +8,7 @@ import re
 import subprocess
 
 import torch
-from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Running, require_tool
 from tests.test_metrics import produce_traffic
@@ -21,9 +21,10 @@ METRIC = re.compile(r"\b((?:pt2serve|grpc_server|process)_[a-z_]+)\b")
 SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")
 
 
-def exported_names(registry: CollectorRegistry) -> set[str]:
+async def exported_names(running: Running) -> set[str]:
+    """Every family and sample name /metrics shows."""
     names = set()
-    for family in registry.collect():
+    for family in text_string_to_metric_families(await running.exposition()):
         names.add(family.name)
         names.update(sample.name for sample in family.samples)
     return names
@@ -50,7 +51,7 @@ def referenced_metrics(exprs: list[str]) -> set[str]:
 async def test_dashboard_queries_name_exported_metrics(running: Running) -> None:
     await produce_traffic(running)
     await running.inference.Run(run_request("demo", x=torch.randn(1, 16)))
-    exported = exported_names(running.server.registry)
+    exported = await exported_names(running)
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = queries(dashboard)
     assert len(exprs) >= 10
@@ -62,7 +63,7 @@ async def test_dashboard_queries_name_exported_metrics(running: Running) -> None
 
 async def test_rules_name_exported_metrics(running: Running) -> None:
     await produce_traffic(running)
-    exported = exported_names(running.server.registry)
+    exported = await exported_names(running)
     text = (RULES / "pt2serve-rules.yml").read_text()
     exprs = re.findall(r"expr: (.*(?:\n {10}.*)*)", text)
     assert len(exprs) >= 12

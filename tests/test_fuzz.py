@@ -26,7 +26,7 @@ from pt2serve.service.pb import grpc_service_pb2 as v2
 from pt2serve.service.pb import pt2serve_pb2 as pb
 from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
 from pt2serve.service.server import Pt2Server
-from tests.conftest import CACHE, Packages
+from tests.conftest import CACHE, LAYOUTS, Packages, models_toml
 
 MAX_MESSAGE = 1 << 20
 OK = grpc.StatusCode.OK
@@ -52,16 +52,35 @@ class LiveServer:
     stub: pb_grpc.InferenceStub
 
 
-@pytest.fixture(scope="module")
-def live(packages: Packages) -> Iterator[LiveServer]:
-    """A server on its own event loop in a thread, so Hypothesis can drive it synchronously."""
+@pytest.fixture(scope="module", params=LAYOUTS)
+def live(
+    request: pytest.FixtureRequest, packages: Packages, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """A server on every layout, driven synchronously by Hypothesis: the one-process
+    server on its own event loop in a thread, or a supervised one (front ends and
+    an engine) in processes of its own."""
+    models = (ModelConfig("demo", str(packages.demo)), ModelConfig("two", str(packages.two_input)))
+    if request.param == "one-process":
+        yield from _in_process(models)
+        return
+    from tests.fleet import Replica
+
+    config = f'frontends = 2\nmax_message_mb = {MAX_MESSAGE >> 20}\nmodel_root = "{CACHE}"\n'
+    replica = Replica(tmp_path_factory.mktemp("fuzz"), "fuzzed", config + models_toml(models))
+    replica.start()
+    try:
+        replica.wait_ready()
+        with grpc.insecure_channel(replica.address) as channel:
+            yield LiveServer(replica.address, channel, pb_grpc.InferenceStub(channel))
+        assert replica.stop() == 0, replica.log.read_text()[-3000:]
+    finally:
+        replica.kill()
+
+
+def _in_process(models: tuple[ModelConfig, ...]) -> Iterator[LiveServer]:
     loop = asyncio.new_event_loop()
     config = ServerConfig(
-        grpc_port=0,
-        metrics_port=0,
-        model_root=str(CACHE),
-        max_message_bytes=MAX_MESSAGE,
-        models=(ModelConfig("demo", str(packages.demo)), ModelConfig("two", str(packages.two_input))),
+        grpc_port=0, metrics_port=0, model_root=str(CACHE), max_message_bytes=MAX_MESSAGE, models=models
     )
     server = Pt2Server(config)
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -231,7 +250,18 @@ def test_garbage_on_a_stream_ends_it_with_invalid_argument(live: LiveServer) -> 
 # ------------------------------------------------ every field of every RPC
 LOADED = ("demo", "two")
 # Values that have broken servers: NUL bytes, huge names, paths that leave the root.
-AWKWARD_TEXT = ["", "x", "\0", "a\0b", "m" * 200_000, "../" * 4 + "etc/passwd", "/etc/passwd", "é☃"]
+# "é" * 40_000 is 40,000 characters and 80,000 bytes: past a u16 length in bytes.
+AWKWARD_TEXT = [
+    "",
+    "x",
+    "\0",
+    "a\0b",
+    "m" * 200_000,
+    "é" * 40_000,
+    "../" * 4 + "etc/passwd",
+    "/etc/passwd",
+    "é☃",
+]
 INT_RANGES = {
     FieldDescriptor.TYPE_INT32: (-(1 << 31), (1 << 31) - 1),
     FieldDescriptor.TYPE_SINT32: (-(1 << 31), (1 << 31) - 1),
@@ -374,6 +404,14 @@ def _case(service: str, method: str, *messages: Any) -> tuple[str, MethodDescrip
     return service, descriptor, list(messages)
 
 
+def _many_inputs(model: str, count: int) -> v2.ModelInferRequest:
+    request = v2.ModelInferRequest(model_name=model)
+    for i in range(count):
+        request.inputs.add(name=f"in{i}", datatype="FP32", shape=[1, 1])
+        request.raw_input_contents.append(b"\0" * 4)
+    return request
+
+
 def _typed_input(datatype: str, **contents: list[int]) -> v2.ModelInferRequest:
     request = v2.ModelInferRequest(model_name="demo")
     request.inputs.add(name="x", datatype=datatype, shape=[1], contents=v2.InferTensorContents(**contents))
@@ -396,6 +434,16 @@ KNOWN_CASES = [
     _case("pt2serve.v1.Inference", "Run", pb.RunRequest(model=HUGE_NAME)),
     _case(KSERVE, "ModelInfer", v2.ModelInferRequest(model_name=HUGE_NAME)),
     _case(LOADER, "GetMetadata", pb.GetMetadataRequest(name=HUGE_NAME)),
+    # Past each fixed width the engine's frames once had (service/ipc.py): a length
+    # in bytes, a count of outputs and of inputs, a priority.
+    _case("pt2serve.v1.Inference", "Run", pb.RunRequest(model="é" * 40_000)),
+    _case(
+        "pt2serve.v1.Inference",
+        "Run",
+        pb.RunRequest(model="missing", output_names=[f"o{i}" for i in range(300)]),
+    ),
+    _case(KSERVE, "ModelInfer", _many_inputs("missing", 300)),
+    _case("pt2serve.v1.Inference", "Run", pb.RunRequest(model="missing", priority=(1 << 32) - 1)),
 ]
 
 

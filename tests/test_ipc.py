@@ -219,6 +219,7 @@ class Engine:
     plane: EnginePlane
     frames: links.FrameReader
     read: list[bytearray]
+    unexpected: list[None]  # one entry per answer the front end did not expect
 
     async def next_frame(self) -> bytearray:
         while not self.read:
@@ -236,11 +237,12 @@ class Engine:
 async def engine() -> AsyncIterator[Engine]:
     loop = asyncio.get_running_loop()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    plane = EnginePlane(NoTelemetry())
+    unexpected: list[None] = []
+    plane = EnginePlane(NoTelemetry(), lambda: unexpected.append(None))
     lost: asyncio.Future[None] = loop.create_future()
     await loop.create_unix_connection(lambda: _EngineLink(plane, lost), sock=theirs)
     reader, writer = await asyncio.open_unix_connection(sock=ours)
-    test_engine = Engine(reader, writer, plane, links.FrameReader(), [])
+    test_engine = Engine(reader, writer, plane, links.FrameReader(), [], unexpected)
     told = asyncio.Event()
     plane.changed = told.set
     await test_engine.send(ipc.pack_state(ipc.EngineState(True, {"m": ipc.ModelView(SCHEMA, 8)})))
@@ -294,10 +296,35 @@ async def test_a_cancelled_call_withdraws_its_request(engine: Engine) -> None:
     call.cancel()
     assert ipc.unpack_id(await engine.next_frame()) == request.request_id  # the cancel frame
     assert engine.plane.in_flight == 0
-    # A late answer for it is dropped.
+    # A late answer for it is dropped, as expected.
     await engine.send(ipc.pack_result(request.request_id, 0, {"y": torch.zeros(1, 2)}))
     with pytest.raises(asyncio.CancelledError):
         await call
+    await _round_trip(engine)
+    assert engine.unexpected == []
+
+
+async def _round_trip(engine: Engine) -> None:
+    """One more request answered: every frame sent before it has been read."""
+    call = asyncio.ensure_future(engine.plane.infer("m", decode(torch.randn(1, 4))))  # type: ignore[arg-type]
+    request = ipc.unpack_request(await engine.next_frame())
+    await engine.send(ipc.pack_result(request.request_id, 0, {"y": torch.zeros(1, 2)}))
+    await call
+
+
+async def test_an_answer_nobody_waits_for_is_counted(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    call = asyncio.ensure_future(engine.plane.infer("m", decode(torch.randn(1, 4))))  # type: ignore[arg-type]
+    request = ipc.unpack_request(await engine.next_frame())
+    answer = ipc.pack_result(request.request_id, 0, {"y": torch.zeros(1, 2)})
+    await engine.send(answer)
+    await call
+    await engine.send(answer)  # answered twice
+    await engine.send(ipc.pack_result(10_000, 0, {"y": torch.zeros(1, 2)}))  # never sent
+    await _round_trip(engine)
+    assert len(engine.unexpected) == 2
+    assert "is not waiting for" in caplog.text
 
 
 async def test_a_lost_engine_answers_every_waiting_request_unavailable(engine: Engine) -> None:

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pt2serve.loader.errors import ErrorKind
 from pt2serve.service import tensors
-from pt2serve.service.metrics import MergedCollector, Metrics, start_metrics_server
+from pt2serve.service.metrics import MergedCollector, Metrics
 from pt2serve.service.pb import pt2serve_pb2 as pb
 from tests.conftest import Running, require_tool
 from tests.test_service import expect_error, run_request
@@ -102,7 +102,7 @@ def test_merged_collector_adds_up_the_same_series_from_every_source() -> None:
 
 async def test_server_exports_what_happened(running: Running) -> None:
     await produce_traffic(running)
-    value = running.server.registry.get_sample_value
+    value = await running.metrics()
     assert value("pt2serve_inference_requests_total", {"model": "demo", "code": "OK"}) == 5
     assert value("pt2serve_inference_requests_total", {"model": "demo", "code": "INVALID_ARGUMENT"}) == 1
     assert value("pt2serve_inference_requests_total", {"model": "_unknown", "code": "NOT_FOUND"}) == 1
@@ -137,7 +137,7 @@ async def test_stream_messages_are_counted(running: Running) -> None:
     answers = [r async for r in running.inference.RunStream(requests())]
     assert len(answers) == 4
     labels = {"grpc_type": "bidi_stream", "grpc_service": "pt2serve.v1.Inference", "grpc_method": "RunStream"}
-    value = running.server.registry.get_sample_value
+    value = await running.metrics()
     assert value("grpc_server_msg_received_total", labels) == 4
     assert value("grpc_server_msg_sent_total", labels) == 4
     assert value("grpc_server_handled_total", {**labels, "grpc_code": "OK"}) == 1
@@ -147,7 +147,7 @@ async def test_stream_messages_are_counted(running: Running) -> None:
 async def test_promtool_accepts_the_exposition(running: Running, tmp_path: pathlib.Path) -> None:
     promtool = require_tool("promtool")
     await produce_traffic(running)
-    exposition = generate_latest(running.server.registry)
+    exposition = (await running.exposition()).encode()
     result = await asyncio.to_thread(
         subprocess.run, [promtool, "check", "metrics"], input=exposition, capture_output=True, check=False
     )
@@ -170,7 +170,7 @@ def prometheus_query(port: int, query: str) -> float | None:
 
 async def test_real_prometheus_scrapes_the_server(running: Running, tmp_path: pathlib.Path) -> None:
     prometheus = require_tool("prometheus")
-    endpoint = start_metrics_server("127.0.0.1", 0, running.server.registry)
+    scraped = urllib.parse.urlsplit(running.metrics_url).netloc
     web_port = free_port()
     (tmp_path / "prometheus.yml").write_text(
         f"""
@@ -179,7 +179,7 @@ global:
 scrape_configs:
   - job_name: pt2serve
     static_configs:
-      - targets: ["127.0.0.1:{endpoint.port}"]
+      - targets: ["{scraped}"]
 """
     )
     proc = await asyncio.create_subprocess_exec(
@@ -211,4 +211,3 @@ scrape_configs:
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), timeout=30)
-        endpoint.shutdown()

@@ -216,6 +216,8 @@ async def test_tensor_and_chunk_limits(packages: Packages) -> None:
         await server.stop(0)
 
 
+# Holds a runner through the in-process scheduler: one process only.
+@pytest.mark.layouts("one-process")
 async def test_a_vanished_stream_client_leaves_no_queued_work(running: Running) -> None:
     scheduler = running.server.manager.get("demo").scheduler
     gate = threading.Event()

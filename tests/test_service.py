@@ -76,6 +76,8 @@ async def test_unbatched_model(running: Running) -> None:
     torch.testing.assert_close(got["output"], models.make_unbatched()(v))
 
 
+# Holds a runner through the in-process scheduler: one process only.
+@pytest.mark.layouts("one-process")
 async def test_concurrent_requests_are_batched_and_correct(running: Running) -> None:
     """40 requests queued while dispatch is held run in batches of up to 64 rows, and
     each answer equals the eager module on its own rows."""
@@ -240,6 +242,8 @@ async def test_bad_input_gets_a_precise_status_and_the_server_keeps_serving(
     torch.testing.assert_close(outputs_of(response)["logits"], demo_model()(x))
 
 
+# Holds a runner through the in-process scheduler: one process only.
+@pytest.mark.layouts("one-process")
 async def test_expired_deadline_is_never_executed(running: Running) -> None:
     """Dispatch is held (as during a constant swap), so the request can only wait in
     the queue; its 50 ms timeout passes there, it is answered DEADLINE_EXCEEDED, and
@@ -568,6 +572,8 @@ async def test_ordered_stream_answers_in_request_order(running: Running) -> None
     assert ids == [f"r{i}" for i in range(11)] + ["bad"] + [f"r{i}" for i in range(11, 30)]
 
 
+# Reads each binding's batches in process: one process only.
+@pytest.mark.layouts("one-process")
 async def test_a_model_bound_twice_spreads_batches_and_updates_both(
     running: Running, packages: Packages
 ) -> None:
