@@ -194,7 +194,8 @@ def _path(value: Any, base: pathlib.Path) -> str:
 
 
 def _megabytes(value: Any, base: pathlib.Path) -> int:
-    return int(value) << 20
+    """MiB, fractions allowed (0.5 is 512 KiB)."""
+    return int(float(value) * (1 << 20))
 
 
 def _as(kind: Callable[[Any], Any]) -> Reader:

@@ -8,14 +8,17 @@ and never committed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import inspect
+import json
 import os
 import pathlib
 import shutil
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pt2serve.loader.build import build_package, cached_package
 from pt2serve.scheduler.manager import ModelConfig
-from pt2serve.service.config import ServerConfig
+from pt2serve.service.config import configure
 from pt2serve.service.demo import demo_package
 from pt2serve.service.metrics import start_metrics_server
 from pt2serve.service.pb import pt2serve_pb2 as pb
@@ -139,39 +142,32 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests that take `running` (a server with the served models) or `layout` (to
+    start servers of their own with `serving`) run once per layout."""
+    marker = metafunc.definition.get_closest_marker("layouts")
+    layouts = marker.args if marker is not None else LAYOUTS
+    unknown = set(layouts) - set(LAYOUTS)
+    assert not unknown, f"unknown layouts {unknown}"
     if "running" in metafunc.fixturenames:
-        marker = metafunc.definition.get_closest_marker("layouts")
-        layouts = marker.args if marker is not None else LAYOUTS
-        unknown = set(layouts) - set(LAYOUTS)
-        assert not unknown, f"unknown layouts {unknown}"
         metafunc.parametrize("running", layouts, indirect=True)
+    elif "layout" in metafunc.fixturenames:
+        metafunc.parametrize("layout", layouts)
 
 
 @dataclass
-class Running:
-    """A server with the served models, on one layout, and a channel to it.
-    `server` is the in-process Pt2Server on the one-process layout, else None."""
+class Served:
+    """A running server on one layout. `server` is the in-process Pt2Server on the
+    one-process layout, else None; `log` is the log file where the server runs in
+    processes of its own (else None: its records reach pytest's caplog)."""
 
     layout: str
     server: Pt2Server | None
-    channel: grpc.aio.Channel
-    loader: pb_grpc.ModelLoaderStub
-    inference: pb_grpc.InferenceStub
     target: str
     model_root: pathlib.Path
     metrics_url: str
-    # The server's log file, where it runs in processes of its own (else None:
-    # its records reach pytest's caplog).
-    log: pathlib.Path | None = None
-
-    def load_constants(self, *requests: pb.LoadConstantsRequest) -> Any:
-        """The client-streaming LoadConstants call with the given messages."""
-        return self.loader.LoadConstants(iter(requests))
-
-    @property
-    def in_process(self) -> Pt2Server:
-        assert self.server is not None, f"the {self.layout} layout has no in-process server"
-        return self.server
+    log: pathlib.Path | None
+    # Begin shutdown as SIGTERM does, and wait until it is over.
+    shut_down: Callable[[], Awaitable[None]]
 
     async def exposition(self) -> str:
         """/metrics as Prometheus scrapes it (every process of the layout)."""
@@ -199,6 +195,93 @@ def _scrape(url: str) -> str:
         return str(response.read().decode())
 
 
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | pathlib.Path):
+        return json.dumps(str(value))
+    return str(value)
+
+
+def models_toml(models: tuple[ModelConfig, ...]) -> str:
+    text = ""
+    for m in models:
+        text += f"[[models]]\nname = {_toml(m.name)}\npath = {_toml(m.package_path)}\n"
+        text += f"num_runners = {m.num_runners}\n"
+        if m.weights is not None:
+            text += f"weights = {_toml(m.weights)}\nweights_label = {_toml(m.weights_label or '')}\n"
+    return text
+
+
+def _written(path: pathlib.Path, text: str) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    layout: str, directory: pathlib.Path, models: tuple[ModelConfig, ...], **keys: object
+) -> AsyncIterator[Served]:
+    """A server on `layout` with `models` and the [server] `keys` of a config file
+    (the same file on every layout: deploy/config.example.toml names them)."""
+    from tests.fleet import Replica  # the subprocess helpers
+
+    table = {"model_root": CACHE, "drain_grace_s": 5, **keys}
+    lines = "".join(f"{key} = {_toml(value)}\n" for key, value in table.items())
+    if layout == "one-process":
+        text = f"[server]\ngrpc_port = 0\nmetrics_port = 0\n{lines}{models_toml(models)}"
+        server = Pt2Server(configure(_written(directory / "server.toml", text)))
+        await server.start()
+        metrics = start_metrics_server("127.0.0.1", 0, server.registry)
+        try:
+            yield Served(
+                layout,
+                server,
+                f"127.0.0.1:{server.port}",
+                CACHE,
+                f"http://127.0.0.1:{metrics.port}/metrics",
+                None,
+                server.stop,
+            )
+        finally:
+            await server.stop(0, 0)
+            metrics.shutdown()
+        return
+    replica = Replica(directory, "front-ends", f"frontends = 2\n{lines}{models_toml(models)}")
+    replica.start()
+    try:
+        await asyncio.to_thread(replica.wait_ready)
+        metrics_url = f"http://127.0.0.1:{replica.metrics_port}/metrics"
+
+        async def shut_down() -> None:
+            code = await asyncio.to_thread(replica.stop)
+            assert code == 0, replica.log.read_text()[-3000:]
+
+        yield Served(layout, None, replica.address, CACHE, metrics_url, replica.log, shut_down)
+        await shut_down()
+    finally:
+        replica.kill()
+
+
+@dataclass
+class Running(Served):
+    """`Served` with the served models, and a channel and stubs to it."""
+
+    channel: grpc.aio.Channel
+    loader: pb_grpc.ModelLoaderStub
+    inference: pb_grpc.InferenceStub
+
+    def load_constants(self, *requests: pb.LoadConstantsRequest) -> Any:
+        """The client-streaming LoadConstants call with the given messages."""
+        return self.loader.LoadConstants(iter(requests))
+
+    @property
+    def in_process(self) -> Pt2Server:
+        assert self.server is not None, f"the {self.layout} layout has no in-process server"
+        return self.server
+
+
 def served_models(packages: Packages) -> tuple[ModelConfig, ...]:
     return (
         ModelConfig("demo", str(packages.demo), num_runners=2),
@@ -207,69 +290,18 @@ def served_models(packages: Packages) -> tuple[ModelConfig, ...]:
     )
 
 
-def models_toml(models: tuple[ModelConfig, ...]) -> str:
-    return "".join(
-        f'[[models]]\nname = "{m.name}"\npath = "{m.package_path}"\nnum_runners = {m.num_runners}\n'
-        for m in models
-    )
-
-
 @pytest.fixture
 async def running(
     request: pytest.FixtureRequest, packages: Packages, tmp_path: pathlib.Path
 ) -> AsyncIterator[Running]:
-    layout: str = request.param
-    models = served_models(packages)
-    if layout == "one-process":
-        config = ServerConfig(grpc_port=0, metrics_port=0, model_root=str(CACHE), models=models)
-        server: Pt2Server | None = Pt2Server(config)
-        assert server is not None
-        await server.start()
-        metrics = start_metrics_server("127.0.0.1", 0, server.registry)
-        target = f"127.0.0.1:{server.port}"
-        metrics_url = f"http://127.0.0.1:{metrics.port}/metrics"
-        stop: Any = server.stop
-        log = None
-    else:
-        from tests.fleet import Replica  # the subprocess helpers
-
-        server, metrics = None, None
-        replica = Replica(
-            tmp_path / "server",
-            "front-ends",
-            f'frontends = 2\nmodel_root = "{CACHE}"\ndrain_grace_s = 5\n' + models_toml(models),
-        )
-        replica.start()
-        await asyncio.to_thread(replica.wait_ready)
-        target = replica.address
-        metrics_url = f"http://127.0.0.1:{replica.metrics_port}/metrics"
-        log = replica.log
-
-        async def stop(grace: float) -> None:
-            try:
-                code = await asyncio.to_thread(replica.stop)
-                assert code == 0, replica.log.read_text()[-3000:]
-            finally:
-                replica.kill()
-
-    channel = grpc.aio.insecure_channel(target)
-    try:
-        yield Running(
-            layout,
-            server,
-            channel,
-            pb_grpc.ModelLoaderStub(channel),
-            pb_grpc.InferenceStub(channel),
-            target,
-            CACHE,
-            metrics_url,
-            log,
-        )
-    finally:
-        await channel.close()
-        await stop(0)
-        if metrics is not None:
-            metrics.shutdown()
+    async with serving(request.param, tmp_path / "server", served_models(packages)) as served:
+        channel = grpc.aio.insecure_channel(served.target)
+        fields = {f.name: getattr(served, f.name) for f in dataclasses.fields(served)}
+        stubs = {"loader": pb_grpc.ModelLoaderStub(channel), "inference": pb_grpc.InferenceStub(channel)}
+        try:
+            yield Running(**fields, channel=channel, **stubs)
+        finally:
+            await channel.close()
 
 
 @pytest.fixture

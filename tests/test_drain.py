@@ -18,7 +18,6 @@ import time
 from collections.abc import Iterator
 
 import grpc
-import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -28,7 +27,7 @@ from pt2serve.service.demo import demo_model
 from pt2serve.service.pb import pt2serve_pb2 as pb
 from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
 from pt2serve.service.server import Pt2Server
-from tests.conftest import CACHE, Packages, until
+from tests.conftest import CACHE, Packages, Served, serving, until
 from tests.test_service import outputs_of, run_request
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -99,10 +98,9 @@ async def test_shutdown_serves_through_the_delay_then_finishes_queued_work(packa
         await server.stop(0, 0)
 
 
-LAYOUTS = {"one-process": ["--frontends", "0"], "front-ends": ["--frontends", "2"]}
+LAYOUT_FLAGS = {"one-process": ["--frontends", "0"], "front-ends": ["--frontends", "2"]}
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
 def test_sigterm_under_load_answers_every_call_it_took(
     packages: Packages, tmp_path: pathlib.Path, layout: str
 ) -> None:
@@ -115,7 +113,7 @@ def test_sigterm_under_load_answers_every_call_it_took(
     argv = [sys.executable, "-m", "pt2serve.service.cli", "serve", "--grpc-port", "0", "--metrics-port", "0"]
     argv += ["--drain-delay-s", "0.5"]  # served on through the delay, after SIGTERM
     with log.open("w") as out:
-        proc = subprocess.Popen([*argv, *LAYOUTS[layout]], stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([*argv, *LAYOUT_FLAGS[layout]], stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 120
         # The child logs to a file (a pipe nobody drains could block it): polled.
@@ -197,16 +195,19 @@ async def _load_then_sigterm(target: str, proc: subprocess.Popen[bytes]) -> list
     return outcomes
 
 
-async def test_streams_end_unavailable_when_the_server_drains(packages: Packages) -> None:
+async def test_streams_end_unavailable_when_the_server_drains(
+    packages: Packages, tmp_path: pathlib.Path, layout: str
+) -> None:
     """A stream open when shutdown begins: every request the server read is answered
     (all OK), then the call ends UNAVAILABLE, telling the client to send the rest on
     a new stream. A health Watch open at the same time sees NOT_SERVING, then ends.
     The server waits out its grace for neither."""
-    config = ServerConfig(
-        grpc_port=0, metrics_port=0, model_root=str(CACHE), models=(ModelConfig("demo", str(packages.demo)),)
-    )
-    server = Pt2Server(config)
-    await server.start()
+    models = (ModelConfig("demo", str(packages.demo)),)
+    async with serving(layout, tmp_path / "server", models, drain_grace_s=30) as served:
+        await _stream_and_watch_through_shutdown(served)
+
+
+async def _stream_and_watch_through_shutdown(served: Served) -> None:
     answered: list[str] = []
     flowing = threading.Event()
 
@@ -217,7 +218,7 @@ async def test_streams_end_unavailable_when_the_server_drains(packages: Packages
     def consume() -> grpc.RpcError:
         # The synchronous client, as Pt2ServeClient: gRPC's asyncio client reports a
         # write that races the server's status as INTERNAL instead of that status.
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        with grpc.insecure_channel(served.target) as channel:
             stub = pb_grpc.InferenceStub(channel)
             try:
                 for answer in stub.RunStream(requests()):
@@ -231,7 +232,7 @@ async def test_streams_end_unavailable_when_the_server_drains(packages: Packages
 
     async def watch() -> list[int]:
         seen: list[int] = []
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        async with grpc.aio.insecure_channel(served.target) as channel:
             call = health_pb2_grpc.HealthStub(channel).Watch(
                 health_pb2.HealthCheckRequest(service="readiness")
             )
@@ -248,7 +249,7 @@ async def test_streams_end_unavailable_when_the_server_drains(packages: Packages
     await asyncio.to_thread(flowing.wait, 60)
     await asyncio.wait_for(watching.wait(), 30)
     started = time.monotonic()
-    await server.stop(grace_s=30)
+    await served.shut_down()
     assert await watcher == [SERVING, NOT_SERVING]
     error = await consumer
     assert error.code() == grpc.StatusCode.UNAVAILABLE, error  # type: ignore[attr-defined]

@@ -13,6 +13,7 @@ Load is bounded in count and time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import pathlib
 import sys
@@ -28,12 +29,10 @@ from safetensors.torch import save_file
 from pt2serve.scheduler.config import ModelConfig
 from pt2serve.service import rollout
 from pt2serve.service.client import SERVICE_CONFIG, Pt2ServeClient, channel_target
-from pt2serve.service.config import ServerConfig, configure
 from pt2serve.service.demo import DemoMLP, demo_model
 from pt2serve.service.pb import pt2serve_pb2 as pb
 from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
-from pt2serve.service.server import Pt2Server
-from tests.conftest import Packages
+from tests.conftest import Packages, Served, serving
 from tests.fleet import ENV, LoadThreads, Replica, free_port
 from tests.test_constants import shifted_model, weights_of
 from tests.test_service import outputs_of, run_request
@@ -121,10 +120,10 @@ def without_retries(service_config: str) -> str:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT restarts on the same port")
-@pytest.mark.parametrize("frontends", [2, 0], ids=["front-ends", "one-process"])
-def test_rolling_restart_fails_nothing(packages: Packages, tmp_path: pathlib.Path, frontends: int) -> None:
+def test_rolling_restart_fails_nothing(packages: Packages, tmp_path: pathlib.Path, layout: str) -> None:
     """With the drain delay, clients that watch health have moved away before the
     GOAWAY: not one call fails, and none needs the retry policy (it is taken out)."""
+    frontends = {"front-ends": 2, "one-process": 0}[layout]
     config = (
         f"frontends = {frontends}\nmax_connection_age_s = 2\nmax_connection_age_grace_s = 5\n"
         "drain_delay_s = 1\ndrain_grace_s = 20\n"
@@ -167,37 +166,40 @@ def test_rolling_restart_fails_nothing(packages: Packages, tmp_path: pathlib.Pat
 
 # ------------------------------------------------------------------ rollout
 class Fleet:
-    def __init__(self, servers: list[Pt2Server], roots: list[pathlib.Path]) -> None:
-        self.servers = servers
+    def __init__(self, replicas: list[Served], roots: list[pathlib.Path]) -> None:
+        self.replicas = replicas
         self.roots = roots
 
     @property
     def addresses(self) -> list[str]:
-        return [f"127.0.0.1:{s.port}" for s in self.servers]
+        return [r.target for r in self.replicas]
 
 
 @pytest.fixture
-async def fleet(packages: Packages, tmp_path: pathlib.Path) -> AsyncIterator[Fleet]:
-    """Three replicas in this process, each with a model root of its own."""
-    servers, roots = [], []
-    for i in range(3):
-        root = tmp_path / f"root{i}"
-        root.mkdir()
-        models = (ModelConfig("demo", str(packages.demo)),)
-        server = Pt2Server(ServerConfig(grpc_port=0, metrics_port=0, model_root=str(root), models=models))
-        await server.start()
-        servers.append(server)
-        roots.append(root)
-    try:
-        yield Fleet(servers, roots)
-    finally:
-        for server in servers:
-            await server.stop(0)
+async def fleet(packages: Packages, tmp_path: pathlib.Path, layout: str) -> AsyncIterator[Fleet]:
+    """Three replicas on one layout, each with a model root of its own."""
+    replicas, roots = [], []
+    async with contextlib.AsyncExitStack() as stack:
+        for i in range(3):
+            root = tmp_path / f"root{i}"
+            root.mkdir()
+            models = (ModelConfig("demo", str(packages.demo)),)
+            replicas.append(
+                await stack.enter_async_context(
+                    serving(layout, tmp_path / f"replica{i}", models, model_root=root)
+                )
+            )
+            roots.append(root)
+        yield Fleet(replicas, roots)
 
 
-def updatable(fleet: Fleet) -> list[str]:
+async def updatable(fleet: Fleet) -> list[str]:
     """The demo's constants a server can update (folded ones are compiled in)."""
-    return [s.fqn for s in fleet.servers[0].manager.get_constants("demo")]
+    async with grpc.aio.insecure_channel(fleet.addresses[0]) as channel:
+        listed = await pb_grpc.ModelLoaderStub(channel).GetConstantFqns(
+            pb.GetConstantFqnsRequest(name="demo")
+        )
+    return [c.fqn for c in listed.constants]
 
 
 async def load_all(fleet: Fleet, sets: list[DemoMLP], stop: asyncio.Event) -> list[str]:
@@ -241,7 +243,7 @@ async def rollout_under_load(fleet: Fleet, sets: list[DemoMLP]) -> tuple[rollout
 
 
 async def test_rollout_moves_every_replica_under_load(fleet: Fleet) -> None:
-    fqns = updatable(fleet)
+    fqns = await updatable(fleet)
     new = shifted_model(fqns, 0.05)
     for root in fleet.roots:
         save_file(weights_of(new, fqns), str(root / "v2.safetensors"))
@@ -259,7 +261,7 @@ async def test_rollout_moves_every_replica_under_load(fleet: Fleet) -> None:
 
 
 async def test_a_refused_stage_leaves_every_replica_on_the_old_weights(fleet: Fleet) -> None:
-    fqns = updatable(fleet)
+    fqns = await updatable(fleet)
     new = shifted_model(fqns, 0.05)
     for root in fleet.roots[:2]:
         save_file(weights_of(new, fqns), str(root / "v2.safetensors"))
@@ -285,7 +287,7 @@ async def test_a_refused_stage_leaves_every_replica_on_the_old_weights(fleet: Fl
 
 
 async def test_rollout_command(fleet: Fleet) -> None:
-    fqns = updatable(fleet)
+    fqns = await updatable(fleet)
     new = shifted_model(fqns, 0.05)
     for root in fleet.roots:
         save_file(weights_of(new, fqns), str(root / "v2.safetensors"))
@@ -343,7 +345,7 @@ def test_the_shipped_service_config_is_the_clients() -> None:
 
 
 async def test_a_dns_target_reaches_the_fleet(fleet: Fleet) -> None:
-    port = fleet.servers[0].port
+    port = fleet.addresses[0].rpartition(":")[2]
 
     def infer() -> torch.Tensor:
         with Pt2ServeClient(f"dns:///localhost:{port}") as client:
@@ -354,31 +356,23 @@ async def test_a_dns_target_reaches_the_fleet(fleet: Fleet) -> None:
 
 
 async def test_a_new_replica_starts_with_the_fleets_weights(
-    fleet: Fleet, packages: Packages, tmp_path: pathlib.Path
+    fleet: Fleet, packages: Packages, tmp_path: pathlib.Path, layout: str
 ) -> None:
     """A pod the autoscaler adds reads its config: `weights` and `weights_label` (the
     file and label the last rollout wrote there) are served from its first request."""
-    fqns = updatable(fleet)
+    fqns = await updatable(fleet)
     new = shifted_model(fqns, 0.05)
     save_file(weights_of(new, fqns), str(tmp_path / "current.safetensors"))
-    config_file = tmp_path / "config.toml"
-    config_file.write_text(
-        f'[server]\ngrpc_port = 0\nmetrics_port = 0\nmodel_root = "{tmp_path}"\n\n'
-        f'[[models]]\nname = "demo"\npath = "{packages.demo}"\n'
-        'weights = "current.safetensors"\nweights_label = "v2"\n'
-    )
-    joined = Pt2Server(configure(config_file))
-    await joined.start()
-    try:
-        address = f"127.0.0.1:{joined.port}"
+    weights = str(tmp_path / "current.safetensors")
+    models = (ModelConfig("demo", str(packages.demo), weights=weights, weights_label="v2"),)
+    async with serving(layout, tmp_path / "joined", models, model_root=tmp_path) as joined:
+        address = joined.target
         (state,) = await asyncio.to_thread(rollout.check, address, "demo")
         assert (state.version, state.label) == (0, "v2")
         x = torch.randn(3, 16)
         async with grpc.aio.insecure_channel(address) as channel:
             got = outputs_of(await pb_grpc.InferenceStub(channel).Run(run_request("demo", x=x)))["logits"]
         torch.testing.assert_close(got, new(x))
-    finally:
-        await joined.stop(0)
 
 
 def test_a_stream_with_no_replica_gives_up() -> None:

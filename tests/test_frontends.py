@@ -18,6 +18,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -431,3 +432,33 @@ def test_an_engine_that_cannot_start_stops_the_server(tmp_path: pathlib.Path) ->
     )
     assert done.returncode == 2, done.stderr
     assert "missing.pt2" in done.stderr and "engine failed to start" in done.stderr
+
+
+def test_a_sigkilled_servers_run_directory_is_removed_by_the_next_start(
+    packages: Packages, tmp_path: pathlib.Path
+) -> None:
+    """The supervisor's run directory (sockets, metrics files) is named for its pid:
+    after SIGKILL nothing removes it, so the next server's start does, once that pid
+    is gone; a live server's stays."""
+    killed = supervised(tmp_path / "killed", packages)
+    live = supervised(tmp_path / "live", packages)
+    try:
+        assert killed.proc is not None and live.proc is not None
+        temp = pathlib.Path(tempfile.gettempdir())
+        (run_dir,) = temp.glob(f"pt2serve-run-{killed.proc.pid}-*")
+        (live_dir,) = temp.glob(f"pt2serve-run-{live.proc.pid}-*")
+        engine = next(pid for pid, role in children(killed).items() if role == "engine")
+        killed.proc.kill()
+        killed.proc.wait()
+        # Its children follow it (PR_SET_PDEATHSIG): SIGTERM, a drain, exit.
+        wait_for(lambda: not pathlib.Path(f"/proc/{engine}").exists(), "the orphaned engine to exit")
+        assert run_dir.exists()
+        again = supervised(tmp_path / "again", packages)
+        try:
+            assert not run_dir.exists()
+            assert live_dir.exists()
+        finally:
+            again.kill()
+    finally:
+        killed.kill()
+        live.kill()

@@ -18,18 +18,17 @@ import pytest
 from bench.l4 import Replica, rolling_restart
 from tests.conftest import CACHE, Packages
 
-LAYOUTS = {"front-ends": "2", "one-process": "0"}
+FRONTENDS = {"front-ends": "2", "one-process": "0"}
 CALLERS = 8
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT restarts on the same port")
-@pytest.mark.parametrize("layout", LAYOUTS)
 def test_rolling_restart_behind_l4_fails_no_plain_call(
     packages: Packages, tmp_path: pathlib.Path, layout: str
 ) -> None:
     env = {**os.environ, "PT2SERVE_CACHE_DIR": str(CACHE), "PYTHONUNBUFFERED": "1"}
     argv = [sys.executable, "-m", "pt2serve.service.cli", "serve", "--grpc-port", "{port}"]
-    argv += ["--metrics-port", "0", "--frontends", LAYOUTS[layout]]
+    argv += ["--metrics-port", "0", "--frontends", FRONTENDS[layout]]
     replicas = [Replica(tmp_path, f"replica{i}", argv, "ready:", env) for i in range(3)]
     report = rolling_restart(replicas, tmp_path, callers=CALLERS)
     tally = report.tally

@@ -21,8 +21,7 @@ from pt2serve.service.pb import grpc_service_pb2 as v2
 from pt2serve.service.pb import pt2serve_pb2 as pb
 from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
 from pt2serve.service.security import MANAGEMENT_METHODS
-from pt2serve.service.server import Pt2Server
-from tests.conftest import CACHE, Packages, Running
+from tests.conftest import CACHE, Packages, Running, serving
 from tests.test_service import expect_error, outputs_of, run_request
 from tests.tls_certs import make_certs
 
@@ -49,74 +48,75 @@ def test_every_model_loader_rpc_that_changes_or_reads_by_path_needs_the_token() 
     assert guarded <= MANAGEMENT_METHODS
 
 
-async def test_management_calls_need_the_token(packages: Packages, tmp_path: pathlib.Path) -> None:
+def demo_only(packages: Packages) -> tuple[ModelConfig, ...]:
+    return (ModelConfig("demo", str(packages.demo)),)
+
+
+async def test_management_calls_need_the_token(
+    packages: Packages, tmp_path: pathlib.Path, layout: str
+) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    server = Pt2Server(config_for(packages, management_token_file=str(token_file)))
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            loader = pb_grpc.ModelLoaderStub(channel)
-            inference = pb_grpc.InferenceStub(channel)
-            load = pb.LoadModelRequest(name="two", package_path=str(packages.two_input))
-            await expect_error(
-                loader.LoadModel(load), grpc.StatusCode.UNAUTHENTICATED, "needs the management token"
+    async with (
+        serving(layout, tmp_path / "server", demo_only(packages), management_token_file=token_file) as served,
+        grpc.aio.insecure_channel(served.target) as channel,
+    ):
+        loader = pb_grpc.ModelLoaderStub(channel)
+        inference = pb_grpc.InferenceStub(channel)
+        load = pb.LoadModelRequest(name="two", package_path=str(packages.two_input))
+        await expect_error(
+            loader.LoadModel(load), grpc.StatusCode.UNAUTHENTICATED, "needs the management token"
+        )
+        wrong = (("authorization", "Bearer nope"),)
+        await expect_error(loader.LoadModel(load, metadata=wrong), grpc.StatusCode.UNAUTHENTICATED)
+        weights = pb.LoadConstantsRequest(
+            name="demo", constants={"hidden.weight": tensors.tensor_to_pb(torch.zeros(32, 16))}
+        )
+        await expect_error(loader.LoadConstants(iter([weights])), grpc.StatusCode.UNAUTHENTICATED)
+        unload = channel.unary_unary(
+            "/inference.GRPCInferenceService/RepositoryModelUnload",
+            request_serializer=v2.RepositoryModelUnloadRequest.SerializeToString,
+            response_deserializer=v2.RepositoryModelUnloadResponse.FromString,
+        )
+        await expect_error(
+            unload(v2.RepositoryModelUnloadRequest(model_name="demo")), grpc.StatusCode.UNAUTHENTICATED
+        )
+        # Inference and read-only inspection stay open.
+        x = torch.randn(2, 16)
+        response = await inference.Run(run_request("demo", x=x))
+        torch.testing.assert_close(outputs_of(response)["logits"], demo_model()(x))
+        assert len((await loader.ListModels(pb.ListModelsRequest())).models) == 1
+        good = (("authorization", f"Bearer {TOKEN}"),)
+        status = (await loader.LoadModel(load, metadata=good)).model
+        assert status.name == "two"
+        assert (
+            await served.metric(
+                "grpc_server_handled_total",
+                {
+                    "grpc_type": "unary",
+                    "grpc_service": "pt2serve.v1.ModelLoader",
+                    "grpc_method": "LoadModel",
+                    "grpc_code": "UNAUTHENTICATED",
+                },
             )
-            wrong = (("authorization", "Bearer nope"),)
-            await expect_error(loader.LoadModel(load, metadata=wrong), grpc.StatusCode.UNAUTHENTICATED)
-            weights = pb.LoadConstantsRequest(
-                name="demo", constants={"hidden.weight": tensors.tensor_to_pb(torch.zeros(32, 16))}
-            )
-            await expect_error(loader.LoadConstants(iter([weights])), grpc.StatusCode.UNAUTHENTICATED)
-            unload = channel.unary_unary(
-                "/inference.GRPCInferenceService/RepositoryModelUnload",
-                request_serializer=v2.RepositoryModelUnloadRequest.SerializeToString,
-                response_deserializer=v2.RepositoryModelUnloadResponse.FromString,
-            )
-            await expect_error(
-                unload(v2.RepositoryModelUnloadRequest(model_name="demo")), grpc.StatusCode.UNAUTHENTICATED
-            )
-            # Inference and read-only inspection stay open.
-            x = torch.randn(2, 16)
-            response = await inference.Run(run_request("demo", x=x))
-            torch.testing.assert_close(outputs_of(response)["logits"], demo_model()(x))
-            assert len((await loader.ListModels(pb.ListModelsRequest())).models) == 1
-            good = (("authorization", f"Bearer {TOKEN}"),)
-            status = (await loader.LoadModel(load, metadata=good)).model
-            assert status.name == "two"
-            assert (
-                server.registry.get_sample_value(
-                    "grpc_server_handled_total",
-                    {
-                        "grpc_type": "unary",
-                        "grpc_service": "pt2serve.v1.ModelLoader",
-                        "grpc_method": "LoadModel",
-                        "grpc_code": "UNAUTHENTICATED",
-                    },
-                )
-                == 2
-            )
+            == 2
+        )
 
         # The Python client and CLI send the token as call credentials.
         def with_client() -> str:
-            with Pt2ServeClient(f"127.0.0.1:{server.port}", token=TOKEN) as client:
+            with Pt2ServeClient(served.target, token=TOKEN) as client:
                 client.unload_model("two")
                 return client.list_models()[0].name
 
         assert await asyncio.to_thread(with_client) == "demo"
-    finally:
-        await server.stop(0)
 
 
-async def test_tls_and_mutual_tls(packages: Packages, tmp_path: pathlib.Path) -> None:
+async def test_tls_and_mutual_tls(packages: Packages, tmp_path: pathlib.Path, layout: str) -> None:
     certs = make_certs(tmp_path)
     x = torch.randn(1, 16)
-    tls = Pt2Server(
-        config_for(packages, tls_cert_file=str(certs.server_cert), tls_key_file=str(certs.server_key))
-    )
-    await tls.start()
-    try:
-        target = f"127.0.0.1:{tls.port}"
+    keys = {"tls_cert_file": certs.server_cert, "tls_key_file": certs.server_key}
+    async with serving(layout, tmp_path / "tls", demo_only(packages), **keys) as tls:
+        target = tls.target
 
         def infer(**options: object) -> torch.Tensor:
             with Pt2ServeClient(target, **options) as client:  # type: ignore[arg-type]
@@ -130,20 +130,10 @@ async def test_tls_and_mutual_tls(packages: Packages, tmp_path: pathlib.Path) ->
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
         with pytest.raises(grpc.RpcError):
             await asyncio.to_thread(infer, tls=True, ca_file=str(certs.other_ca))  # untrusted server
-    finally:
-        await tls.stop(0)
 
-    mutual = Pt2Server(
-        config_for(
-            packages,
-            tls_cert_file=str(certs.server_cert),
-            tls_key_file=str(certs.server_key),
-            tls_client_ca_file=str(certs.ca),
-        )
-    )
-    await mutual.start()
-    try:
-        target = f"127.0.0.1:{mutual.port}"
+    keys["tls_client_ca_file"] = certs.ca
+    async with serving(layout, tmp_path / "mtls", demo_only(packages), **keys) as mutual:
+        target = mutual.target
 
         def infer_mutual(**options: object) -> torch.Tensor:
             with Pt2ServeClient(target, tls=True, ca_file=str(certs.ca), **options) as client:  # type: ignore[arg-type]
@@ -155,8 +145,6 @@ async def test_tls_and_mutual_tls(packages: Packages, tmp_path: pathlib.Path) ->
         torch.testing.assert_close(got, demo_model()(x))
         with pytest.raises(grpc.RpcError):
             await asyncio.to_thread(infer_mutual)  # no client certificate
-    finally:
-        await mutual.stop(0)
 
 
 def test_tls_settings_must_be_complete(packages: Packages) -> None:
@@ -188,32 +176,31 @@ async def test_package_paths_are_confined_to_the_model_root(running: Running, tm
         link.unlink()
 
 
-async def test_tensor_and_chunk_limits(packages: Packages) -> None:
-    server = Pt2Server(config_for(packages, max_tensor_bytes=1024))
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            inference = pb_grpc.InferenceStub(channel)
-            loader = pb_grpc.ModelLoaderStub(channel)
-            await expect_error(
-                inference.Run(run_request("demo", x=torch.randn(17, 16))),
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "inputs['x']: shape [17, 16] spans 1088 bytes, over the server's limit of 1024",
-            )
-            # A chunk header declaring a huge constant is refused before any allocation.
-            huge = pb.LoadConstantsRequest(name="demo", use_inactive=True)
-            huge.chunks.append(
-                pb.TensorChunk(fqn="hidden.weight", dtype=pb.FLOAT32, shape=[1 << 20, 1 << 20], data=b"\0")
-            )
-            await expect_error(
-                loader.LoadConstants(iter([huge])),
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "over the server's limit",
-            )
-            response = await inference.Run(run_request("demo", x=torch.randn(2, 16)))
-            assert outputs_of(response)["logits"].shape == (2, 4)
-    finally:
-        await server.stop(0)
+async def test_tensor_and_chunk_limits(packages: Packages, tmp_path: pathlib.Path, layout: str) -> None:
+    limit = 1024 / (1 << 20)  # 1,024 bytes
+    async with (
+        serving(layout, tmp_path / "server", demo_only(packages), max_tensor_mb=limit) as served,
+        grpc.aio.insecure_channel(served.target) as channel,
+    ):
+        inference = pb_grpc.InferenceStub(channel)
+        loader = pb_grpc.ModelLoaderStub(channel)
+        await expect_error(
+            inference.Run(run_request("demo", x=torch.randn(17, 16))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "inputs['x']: shape [17, 16] spans 1088 bytes, over the server's limit of 1024",
+        )
+        # A chunk header declaring a huge constant is refused before any allocation.
+        huge = pb.LoadConstantsRequest(name="demo", use_inactive=True)
+        huge.chunks.append(
+            pb.TensorChunk(fqn="hidden.weight", dtype=pb.FLOAT32, shape=[1 << 20, 1 << 20], data=b"\0")
+        )
+        await expect_error(
+            loader.LoadConstants(iter([huge])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "over the server's limit",
+        )
+        response = await inference.Run(run_request("demo", x=torch.randn(2, 16)))
+        assert outputs_of(response)["logits"].shape == (2, 4)
 
 
 # Holds a runner through the in-process scheduler: one process only.
