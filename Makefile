@@ -3,7 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Pinned: a range would let pip fetch a multi-GB CUDA build of torch.
+# torch as pip installs it: from PyPI, 2.13.0 is the CUDA build (a 5.2 GB venv with 16
+# nvidia-* wheels; it runs on the CPU too). For the CPU build, where an index serves
+# it (deploy/docker/Dockerfile.cpu names PyTorch's): make setup TORCH="torch==2.13.0 --index-url URL"
 TORCH ?= torch==2.13.0
 ARGS ?=
 
