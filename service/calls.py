@@ -34,7 +34,7 @@ from pt2serve.service.security import MANAGEMENT_METHODS
 Context = grpc.aio.ServicerContext[Any, Any]
 REGISTERED = frozenset({"/pt2serve.v1.Inference/Run", "/inference.GRPCInferenceService/ModelInfer"})
 # Streams that stay open for as long as their client likes and carry no inference:
-# shutdown does not wait for them (service/shutdown.py).
+# shutdown does not wait for them (service/shutdown.py); Watch ends at the GOAWAY.
 LINGERING = frozenset(
     {
         "/grpc.health.v1.Health/Watch",

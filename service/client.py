@@ -7,7 +7,7 @@ A target is one address (`host:port`), several (`ipv4:10.0.0.1:8500,10.0.0.2:850
 or a list of `host:port` strings), or a DNS name resolved to every address
 (`dns:///pt2serve-headless.ns.svc:8500`, a Kubernetes headless Service). With
 several, calls are balanced round robin over the replicas that report ready, and
-calls refused with UNAVAILABLE (a draining or restarting replica) are retried on
+calls that fail with UNAVAILABLE (a replica that cannot be reached, or restarts) are retried on
 another: the gRPC service config in `grpc_service_config.json`, the same file as
 deploy/grpc-service-config.json for clients in other languages.
 """

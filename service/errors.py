@@ -43,9 +43,9 @@ def message_of(error: Pt2ServeError) -> str:
 class CallsInFlight:
     """The calls inside their handlers that shutdown waits for: unary calls and
     inference streams. Streams that may stay open for as long as their client likes
-    and carry no inference (health's Watch, reflection) are not counted
-    (`service/calls.py`, `LINGERING`): once everything counted is answered, they are
-    cancelled. Per call this is two integer updates.
+    and carry no inference are not counted (`service/calls.py`, `LINGERING`): health's
+    Watch ends at the GOAWAY, a reflection stream still open at the end of the grace
+    is cancelled. Per call this is two integer updates.
     """
 
     def __init__(self) -> None:

@@ -70,7 +70,8 @@ class EnginePlane:
         self.state = ipc.EngineState()
         self._unexpected = unexpected
         self._withdrawn: collections.OrderedDict[int, None] = collections.OrderedDict()
-        # Set while draining: new requests are refused with UNAVAILABLE.
+        # Set once the front end's calls are over (after the GOAWAY): a request that
+        # still comes is refused with UNAVAILABLE.
         self.closing = False
         self._telemetry = telemetry
         self._ids = itertools.count(1)

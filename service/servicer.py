@@ -220,7 +220,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> None:
         self._max_tensor_bytes = max_tensor_bytes
         self._data = data
-        # Set when the server drains: open streams stop reading and end UNAVAILABLE.
+        # Set at the GOAWAY (service/shutdown.py): open streams stop reading, answer
+        # what they read and end UNAVAILABLE.
         self._draining = draining
 
     def _decode(
