@@ -164,16 +164,15 @@ class Tally:
         )
 
 
-class TritonCallers:
-    """`count` threads, each with its own plain tritonclient gRPC client, calling
-    ModelInfer on `model` ({input: float32 [1, width]}) until stopped."""
+class LoadThreads:
+    """Load from worker threads: `threads` start on enter; on exit `stop` is set and
+    each is joined (bounded)."""
 
-    def __init__(self, target: str, count: int, model: str, input_name: str, width: int) -> None:
-        self.tally = Tally()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._args = (target, model, input_name, width)
-        self._threads = [threading.Thread(target=self._call, daemon=True) for _ in range(count)]
+    JOIN_S = 120.0
+
+    def __init__(self, threads: list[threading.Thread]) -> None:
+        self.stop = threading.Event()
+        self._threads = threads
 
     def __enter__(self) -> Self:
         for thread in self._threads:
@@ -181,9 +180,20 @@ class TritonCallers:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
+        self.stop.set()
         for thread in self._threads:
-            thread.join(120)
+            thread.join(self.JOIN_S)
+
+
+class TritonCallers(LoadThreads):
+    """`count` threads, each with its own plain tritonclient gRPC client, calling
+    ModelInfer on `model` ({input: float32 [1, width]}) until stopped."""
+
+    def __init__(self, target: str, count: int, model: str, input_name: str, width: int) -> None:
+        self.tally = Tally()
+        self._lock = threading.Lock()
+        self._args = (target, model, input_name, width)
+        super().__init__([threading.Thread(target=self._call, daemon=True) for _ in range(count)])
 
     def ok(self) -> int:
         with self._lock:
@@ -198,7 +208,7 @@ class TritonCallers:
         data = np.zeros((1, width), dtype=np.float32)
         try:
             for _ in range(MAX_CALLS):
-                if self._stop.is_set():
+                if self.stop.is_set():
                     return
                 tensor = triton.InferInput(input_name, [1, width], "FP32")
                 tensor.set_data_from_numpy(data)

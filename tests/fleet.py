@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import sys
-import threading
 import urllib.request
-from typing import Self
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -16,27 +14,6 @@ from bench.l4 import free_port
 from tests.conftest import CACHE
 
 ENV = {**os.environ, "PT2SERVE_CACHE_DIR": str(CACHE), "PYTHONUNBUFFERED": "1"}
-
-
-class LoadThreads:
-    """Load from worker threads: `threads` start on enter; on exit `stop` is set and
-    each is joined (bounded)."""
-
-    JOIN_S = 120.0
-
-    def __init__(self, threads: list[threading.Thread]) -> None:
-        self.stop = threading.Event()
-        self._threads = threads
-
-    def __enter__(self) -> Self:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self._threads:
-            thread.join(self.JOIN_S)
 
 
 class Replica(l4.Replica):

@@ -26,6 +26,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from bench.l4 import LoadThreads
 from pt2serve.scheduler.config import ModelConfig
 from pt2serve.service import rollout
 from pt2serve.service.client import SERVICE_CONFIG, Pt2ServeClient, channel_target
@@ -33,7 +34,7 @@ from pt2serve.service.demo import DemoMLP, demo_model
 from pt2serve.service.pb import pt2serve_pb2 as pb
 from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
 from tests.conftest import Packages, Served, serving
-from tests.fleet import ENV, LoadThreads, Replica, free_port
+from tests.fleet import ENV, Replica, free_port
 from tests.test_constants import shifted_model, weights_of
 from tests.test_service import outputs_of, run_request
 

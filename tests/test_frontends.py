@@ -30,6 +30,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.l4 import LoadThreads
 from pt2serve.service import tensors
 from pt2serve.service.demo import demo_model
 from pt2serve.service.pb import grpc_service_pb2 as v2
@@ -38,7 +39,7 @@ from pt2serve.service.pb import pt2serve_pb2 as pb
 from pt2serve.service.pb import pt2serve_pb2_grpc as pb_grpc
 from tests import models
 from tests.conftest import Packages
-from tests.fleet import ENV, LoadThreads, Replica
+from tests.fleet import ENV, Replica
 from tests.test_service import outputs_of, run_request
 
 TOKEN = "front-end-test-token"
