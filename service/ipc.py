@@ -168,13 +168,8 @@ def _framed_tensors(head: bytes, tensors: Mapping[str, AnyTensor], field: str) -
 
 def _text_at(frame: bytearray, at: int) -> tuple[str, int]:
     (size,) = _STR.unpack_from(frame, at)
-    start = at + _STR.size
+    start = at + 4  # u32 length
     return frame[start : start + size].decode(), start + size
-
-
-def _count_at(frame: bytearray, at: int) -> tuple[int, int]:
-    (count,) = _COUNT.unpack_from(frame, at)
-    return count, at + _COUNT.size
 
 
 def _named_tensors(frame: bytearray, at: int) -> dict[str, RawTensor]:
@@ -182,11 +177,11 @@ def _named_tensors(frame: bytearray, at: int) -> dict[str, RawTensor]:
     RawTensors over `frame` (views, which keep it alive)."""
     view = memoryview(frame)
     tensors = {}
-    count, at = _count_at(frame, at)
+    (count,) = _COUNT.unpack_from(frame, at)
+    at += 4  # u32 count
     for _ in range(count):
         name, at = _text_at(frame, at)
-        (ndim,) = _U32.unpack_from(frame, at + 1)
-        head = _head_struct(ndim)
+        head = _head_struct(_U32.unpack_from(frame, at + 1)[0])  # after the u8 dtype, u32 ndim
         code, _, *shape, nbytes = head.unpack_from(frame, at)
         at += head.size
         tensors[name] = RawTensor(TYPES[code].torch, tuple(shape), view[at : at + nbytes])
@@ -233,7 +228,8 @@ def unpack_request(frame: bytearray) -> Request:
     _, request_id, deadline, timeout_s, priority = _REQUEST.unpack_from(frame, 0)
     model, at = _text_at(frame, _REQUEST.size)
     outputs: tuple[str, ...] = ()
-    count, at = _count_at(frame, at)
+    (count,) = _COUNT.unpack_from(frame, at)
+    at += 4  # u32 count
     for _ in range(count):
         name, at = _text_at(frame, at)
         outputs += (name,)
