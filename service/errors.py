@@ -45,17 +45,15 @@ class CallsInFlight:
     inference streams. Streams that may stay open for as long as their client likes
     and carry no inference are not counted (`service/calls.py`, `LINGERING`): health's
     Watch ends at the GOAWAY, a reflection stream still open at the end of the grace
-    is cancelled. Per call this is two integer updates.
+    is cancelled. Per call this is one increment and one decrement.
     """
 
     def __init__(self) -> None:
         self.count = 0
-        self.started = 0
         self._idle: asyncio.Event | None = None
 
     def enter(self) -> None:
         self.count += 1
-        self.started += 1
 
     def leave(self) -> None:
         self.count -= 1
